@@ -1,0 +1,50 @@
+"""Turn a dataclass of arguments into a command line: ``--args-json '{...}'`` or ``--args-file f.json``.
+
+Rules pass a stage's config section as one JSON string, so a changed parameter changes the
+command line (a Snakemake rerun trigger) and drivers need no per-flag plumbing. Unknown keys are
+an error, never silently ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from typing import Any, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def dataclass_from_dict(cls: type[T], values: dict[str, Any], source: str = "arguments") -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    missing = [
+        n for n, f in fields.items()
+        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"{source}: missing required key(s) {missing} for {cls.__name__}")
+    return cls(**values)
+
+
+def parse_dataclass_cli(cls: type[T], argv: Sequence[str] | None = None, description: str = "") -> T:
+    parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--args-json", help="the arguments as one JSON object")
+    group.add_argument("--args-file", help="a JSON file holding the arguments")
+    ns = parser.parse_args(argv)
+    if ns.args_json is not None:
+        values, source = json.loads(ns.args_json), "--args-json"
+    else:
+        with open(ns.args_file) as f:
+            values, source = json.load(f), ns.args_file
+    return dataclass_from_dict(cls, values, source)
+
+
+def dataclass_field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+__all__ = ["dataclass_from_dict", "parse_dataclass_cli", "dataclass_field_names", "typing"]

@@ -1,0 +1,154 @@
+"""Shared Hugging Face Trainer set-up for every training stage (pre-training, retrievers, re-ranker).
+
+One place decides: TrainingArguments from our config, resume from the last checkpoint in a work
+directory kept OUTSIDE the stage's declared output (Snakemake deletes declared outputs before a
+job starts), and an atomic final save so the output directory appears only when training ended.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from simlm_core.io import atomic_dir
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by all training stages (names follow HF TrainingArguments)."""
+
+    output_dir: str
+    """Final model directory (HF ``save_pretrained`` layout), written atomically at the end."""
+    work_dir: str
+    """Trainer checkpoints for resuming a killed job; not a declared Snakemake output."""
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 50
+    seed: int = 42
+    dataloader_num_workers: int = 0
+    disable_tqdm: bool = False
+
+
+def train_config_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def split_train_config(values: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """Split a flat argument dict into TrainConfig and the stage's own keys."""
+    shared = train_config_fields()
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in shared})
+    rest = {k: v for k, v in values.items() if k not in shared}
+    return cfg, rest
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
+    """TrainingArguments for ``cfg``; bf16/fp16 are dropped (with a note) where the device lacks them."""
+    bf16 = cfg.bf16 and bf16_supported()
+    fp16 = cfg.fp16 and torch.cuda.is_available()
+    if (cfg.bf16 and not bf16) or (cfg.fp16 and not fp16):
+        print("[simlm] mixed precision requested but no CUDA device supports it: training in fp32")
+    kwargs: dict[str, Any] = dict(
+        output_dir=cfg.work_dir,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=bf16,
+        fp16=fp16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=[],
+        remove_unused_columns=False,
+        disable_tqdm=cfg.disable_tqdm,
+        save_safetensors=True,
+        ddp_find_unused_parameters=False,
+    )
+    kwargs.update(overrides)
+    # transformers versions differ in which keywords exist; drop the ones this version lacks.
+    valid = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return TrainingArguments(**{k: v for k, v in kwargs.items() if k in valid})
+
+
+def last_checkpoint(work_dir: str | os.PathLike[str]) -> str | None:
+    """The newest complete ``checkpoint-N`` folder in ``work_dir``, or None."""
+    path = Path(work_dir)
+    if not path.is_dir():
+        return None
+    found = []
+    for child in path.iterdir():
+        m = _CHECKPOINT_RE.match(child.name)
+        # A checkpoint is complete once the trainer state is written (it is written last).
+        if m and child.is_dir() and (child / "trainer_state.json").exists():
+            found.append((int(m.group(1)), child))
+    return str(max(found)[1]) if found else None
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def train_and_save(
+    trainer: Trainer,
+    cfg: TrainConfig,
+    save_model: Callable[[Path], None],
+) -> dict[str, Any]:
+    """Train (resuming from the last checkpoint in ``cfg.work_dir``), then save atomically.
+
+    ``save_model(tmp_dir)`` writes the final model into a temporary directory that is renamed
+    to ``cfg.output_dir`` once complete. The log history is saved beside it as
+    ``training_log.json`` so loss curves are part of the artifact.
+    """
+    resume = last_checkpoint(cfg.work_dir)
+    if resume:
+        print(f"[simlm] resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        with atomic_dir(cfg.output_dir) as tmp:
+            save_model(tmp)
+            log = {
+                "log_history": trainer.state.log_history,
+                "global_step": trainer.state.global_step,
+                "resumed_from": resume,
+                "metrics": result.metrics,
+            }
+            (tmp / "training_log.json").write_text(json.dumps(log, indent=2))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return dict(result.metrics)
