@@ -1,0 +1,102 @@
+# Shared helpers: artifact paths, which systems run, core-module inputs, launchers.
+import hashlib
+import json
+import os
+
+RUN = config["run_name"]
+OUT = os.path.join(config["results_dir"], RUN)
+SEED = config["seed"]
+TRAIN_SPLIT = config["dataset"]["train_split"]
+EVAL_SPLITS = list(config["dataset"]["eval_splits"])
+ALL_SPLITS = sorted(set(EVAL_SPLITS) | {TRAIN_SPLIT})
+DENSE_SYSTEMS = ["retriever1", "retriever1_nopretrain", "retriever2", "retriever_distill"]
+
+
+wildcard_constraints:
+    split="[A-Za-z0-9_.-]+",
+    shard=r"\d+",
+    system="|".join(DENSE_SYSTEMS),
+
+
+def out(*parts):
+    """A path under results/{run_name}/."""
+    return os.path.join(OUT, *parts)
+
+
+def log_path(name):
+    return out("logs", f"{name}.log")
+
+
+def bench_path(name):
+    return out("benchmarks", f"{name}.tsv")
+
+
+def core(*modules):
+    """Core-library files a stage runs, as inputs: editing one reruns the stage (DESIGN §4c)."""
+    return [os.path.join(workflow.basedir, "simlm_core", m) for m in ("io.py", *modules)]
+
+
+def enabled_systems():
+    """Systems in pipeline order, as the config switches them on."""
+    systems = ["bm25", "retriever1"]
+    if config["pretrain"]["enabled"] and config["pretrain"]["compare_without"]:
+        systems.insert(1, "retriever1_nopretrain")
+    if config["retriever2"]["enabled"]:
+        systems.append("retriever2")
+    if config["reranker"]["enabled"]:
+        systems.append("reranker")
+        if config["distill"]["enabled"]:
+            systems.append("retriever_distill")
+    elif config["distill"]["enabled"]:
+        raise ValueError("config: distill.enabled needs reranker.enabled (the teacher)")
+    return systems
+
+
+def base_encoder():
+    """The initial encoder: the scratch model folder, or a hub id / local folder."""
+    enc = config["models"]["encoder"]
+    return out("models", "init") if enc == "scratch" else enc
+
+
+def pretrained_encoder():
+    """What retrievers start from: the SimLM checkpoint when pre-training is on."""
+    return out("pretrain", "checkpoint") if config["pretrain"]["enabled"] else base_encoder()
+
+
+def reranker_init():
+    choice = config["models"]["reranker"]
+    if choice == "pretrain":
+        return pretrained_encoder()
+    if choice == "encoder":
+        return base_encoder()
+    return choice
+
+
+def local_model_inputs(path):
+    """A model given as a path produced by this workflow is an input; a hub id is not."""
+    return [path] if path.startswith(OUT) else []
+
+
+def work_dir(stage, args):
+    """Trainer checkpoints live outside declared outputs (Snakemake deletes those before a job),
+    keyed by the arguments so a rerun with changed parameters never resumes stale checkpoints."""
+    digest = hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+    return out("_work", f"{stage}-{digest}")
+
+
+def train_args(stage, section, **paths):
+    """The driver's arguments: a stage's config section plus artifact paths and the seed."""
+    args = {"seed": SEED, **section, **paths}
+    args["work_dir"] = work_dir(stage, args)
+    return args
+
+
+def launcher(gpus):
+    """python, or torchrun with one process per GPU for data-parallel training."""
+    if int(gpus) > 1:
+        return f"torchrun --standalone --nproc_per_node {int(gpus)}"
+    return "python"
+
+
+def as_json(args):
+    return json.dumps(args, sort_keys=True)

@@ -1,0 +1,108 @@
+# Stage 3: offline initial models (demo) and SimLM pre-training (replaced language modelling).
+
+
+rule init_model:
+    """A small random BERT (+ WordPiece vocabulary learned on the corpus) for offline runs."""
+    input:
+        corpus=out("data", "corpus.parquet"),
+        code=core("modeling/scratch.py", "drivers/init_model.py"),
+    output:
+        directory(out("models", "init")),
+    params:
+        args=lambda wc, output, input: as_json(
+            {
+                **config["models"]["scratch"],
+                "corpus_path": input.corpus,
+                "out_dir": output[0],
+                "seed": SEED,
+            }
+        ),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    log:
+        log_path("init_model"),
+    benchmark:
+        bench_path("init_model")
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python -m simlm_core.drivers.init_model --args-json {params.args:q} > {log} 2>&1"
+
+
+rule train_generator:
+    """The frozen RLM generator trained here when no hub MLM is reachable (offline stand-in for
+    google/electra-base-generator)."""
+    input:
+        corpus=out("data", "corpus.parquet"),
+        tokenizer=local_model_inputs(base_encoder()),
+        code=core("pretraining.py", "training.py", "drivers/train_generator.py"),
+    output:
+        directory(out("models", "generator")),
+    params:
+        args=lambda wc, output, input: as_json(
+            train_args(
+                "train_generator",
+                config["pretrain"]["generator_train"],
+                corpus_path=input.corpus,
+                tokenizer_path=base_encoder(),
+                output_dir=output[0],
+            )
+        ),
+    threads: config["resources"]["cpu_threads"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=config["resources"]["train_runtime_min"],
+        gpu=config["resources"]["train_gpus"],
+    log:
+        log_path("train_generator"),
+    benchmark:
+        bench_path("train_generator")
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python -m simlm_core.drivers.train_generator --args-json {params.args:q} > {log} 2>&1"
+
+
+def generator_value():
+    g = config["pretrain"]["generator"]
+    return out("models", "generator") if g == "train" else g
+
+
+rule pretrain:
+    """SimLM: encoder + 2-layer decoder reading only the [CLS] bottleneck, RLM loss."""
+    input:
+        corpus=out("data", "corpus.parquet"),
+        encoder=local_model_inputs(base_encoder()),
+        generator=local_model_inputs(generator_value()),
+        code=core(
+            "modeling/pretrain.py", "pretraining.py", "training.py", "drivers/pretrain.py"
+        ),
+    output:
+        directory(out("pretrain", "checkpoint")),
+    params:
+        launcher=launcher(config["resources"]["train_gpus"]),
+        args=lambda wc, output, input: as_json(
+            train_args(
+                "pretrain",
+                config["pretrain"]["train"],
+                model_name_or_path=base_encoder(),
+                generator=generator_value(),
+                corpus_path=input.corpus,
+                output_dir=output[0],
+            )
+        ),
+    threads: config["resources"]["cpu_threads"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=config["resources"]["train_runtime_min"],
+        gpu=config["resources"]["train_gpus"],
+    log:
+        log_path("pretrain"),
+    benchmark:
+        bench_path("pretrain")
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "{params.launcher} -m simlm_core.drivers.pretrain --args-json {params.args:q} > {log} 2>&1"

@@ -1,0 +1,143 @@
+# Stage 6: cross-encoder re-ranker on mined negatives; re-ranking as a system; teacher scores for
+# distillation (sharded like encoding).
+
+RERANKER_CODE = core(
+    "modeling/reranker.py", "reranker_training.py", "losses.py", "training.py",
+    "drivers/train_reranker.py",
+)
+
+
+rule train_reranker:
+    input:
+        corpus=out("data", "corpus.parquet"),
+        queries=out("data", "queries", f"{TRAIN_SPLIT}.parquet"),
+        negatives=out("negatives", "retriever1.parquet"),
+        init=local_model_inputs(reranker_init()),
+        code=RERANKER_CODE,
+    output:
+        directory(out("reranker", "checkpoint")),
+    params:
+        launcher=launcher(config["resources"]["train_gpus"]),
+        args=lambda wc, input, output: as_json(
+            train_args(
+                "train_reranker",
+                config["reranker"]["train"],
+                model_name_or_path=reranker_init(),
+                corpus_path=input.corpus,
+                queries_path=input.queries,
+                negatives_path=input.negatives,
+                output_dir=output[0],
+            )
+        ),
+    threads: config["resources"]["cpu_threads"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=config["resources"]["train_runtime_min"],
+        gpu=config["resources"]["train_gpus"],
+    log:
+        log_path("train_reranker"),
+    benchmark:
+        bench_path("train_reranker")
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "{params.launcher} -m simlm_core.drivers.train_reranker --args-json {params.args:q} > {log} 2>&1"
+
+
+rule rerank:
+    """System `reranker`: the cross-encoder re-scores retriever1's top-k."""
+    input:
+        model=out("reranker", "checkpoint"),
+        corpus=out("data", "corpus.parquet"),
+        queries=out("data", "queries", "{split}.parquet"),
+        run=out("retriever1", "runs", "{split}.parquet"),
+        code=core("rerank.py", "modeling/reranker.py", "drivers/rerank.py"),
+    output:
+        run=out("reranker", "runs", "{split}.parquet"),
+    params:
+        args=lambda wc, input, output: as_json(
+            {
+                "model_dir": input.model,
+                "corpus_path": input.corpus,
+                "queries_path": input.queries,
+                "run_path": input.run,
+                "out_run_path": output.run,
+                "top_k": config["reranker"]["rerank_top_k"],
+                "batch_size": config["reranker"]["batch_size"],
+                "max_len": config["reranker"]["max_len"],
+            }
+        ),
+    threads: config["resources"]["cpu_threads"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=240,
+        gpu=config["resources"]["encode_gpus"],
+    log:
+        log_path("rerank_{split}"),
+    benchmark:
+        bench_path("rerank_{split}")
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python -m simlm_core.drivers.rerank --args-json {params.args:q} > {log} 2>&1"
+
+
+rule score_teacher_shard:
+    """Re-ranker scores of each training query's candidates (positives + mined negatives)."""
+    input:
+        model=out("reranker", "checkpoint"),
+        corpus=out("data", "corpus.parquet"),
+        queries=out("data", "queries", f"{TRAIN_SPLIT}.parquet"),
+        negatives=out("negatives", "retriever1.parquet"),
+        code=core("rerank.py", "modeling/reranker.py", "drivers/score_teacher.py"),
+    output:
+        scores=out("reranker", "scores", "shard-{shard}.parquet"),
+    params:
+        args=lambda wc, input, output: as_json(
+            {
+                "model_dir": input.model,
+                "corpus_path": input.corpus,
+                "queries_path": input.queries,
+                "negatives_path": input.negatives,
+                "out_path": output.scores,
+                "num_negatives": config["reranker"]["teacher_negatives"],
+                "shard_index": int(wc.shard),
+                "num_shards": config["reranker"]["teacher_shards"],
+                "batch_size": config["reranker"]["batch_size"],
+                "max_len": config["reranker"]["max_len"],
+            }
+        ),
+    threads: config["resources"]["cpu_threads"]
+    resources:
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=240,
+        gpu=config["resources"]["encode_gpus"],
+    log:
+        log_path("score_teacher_shard-{shard}"),
+    benchmark:
+        bench_path("score_teacher_shard-{shard}")
+    conda:
+        "../envs/cpu.yaml"
+    shell:
+        "python -m simlm_core.drivers.score_teacher --args-json {params.args:q} > {log} 2>&1"
+
+
+rule merge_teacher_scores:
+    input:
+        shards=expand(
+            out("reranker", "scores", "shard-{shard}.parquet"),
+            shard=range(config["reranker"]["teacher_shards"]),
+        ),
+        code=core("rerank.py"),
+    output:
+        scores=out("reranker", "scores", f"{TRAIN_SPLIT}.parquet"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    log:
+        log_path("merge_teacher_scores"),
+    conda:
+        "../envs/cpu.yaml"
+    script:
+        "../workflow_scripts/merge_teacher_scores.py"

@@ -1,0 +1,508 @@
+"""Retrieval metrics: ir-measures (pytrec_eval, i.e. trec_eval semantics) plus DPR answer matching.
+
+Metric definitions
+------------------
+Every name below is the key used in ``metrics/{system}/{split}.json`` and in the report's
+``metrics.csv``. Relevance-judgment metrics are ir-measures names, printed exactly as
+``str(ir_measures.parse_measure(name))``; ``Answer@k`` is our own name (see below).
+
+=====================  ==========================================================================
+name                   definition (per query, then the mean over the evaluated queries)
+=====================  ==========================================================================
+``RR@10``              reciprocal rank of the first relevant passage (relevance >= 1) among the
+                       top 10, else 0. "MRR@10" of MS MARCO (the SimLM paper's headline metric).
+``RR(rel=2)@10``       same, counting only relevance >= 2 as relevant: TREC DL's MRR@10.
+``R@k``                TREC recall: |relevant retrieved in the top k| / |relevant judged| (0 when
+                       a query has no relevant passage). MS MARCO R@50 / R@1k in the paper (the
+                       authors' ``unilm/simlm/src/metrics.py`` calls pytrec_eval ``recall_k``).
+``R(rel=2)@k``         TREC recall with relevance >= 2 as relevant (Anserini's ``-l 2`` for DL).
+``nDCG@10``            trec_eval ``ndcg_cut_10``: graded labels, linear gain (gain = label),
+                       log2 discount, ideal ranking from all judged passages.
+``P@k``, ``AP``, ...   any other ir-measures name works too (trec_eval definitions).
+``Answer@k``           DPR "top-k retrieval accuracy" (a HIT RATE, not recall): 1 if any of the
+                       top k passages contains one of the question's answers, else 0. The paper's
+                       NQ "R@20 / R@100". Matching is DPR's: pyserini's ``has_answers`` with
+                       ``SimpleTokenizer`` in string (token sequence) mode, on the passage TEXT
+                       only (no title), as DPR's ``qa_validation`` and pyserini's
+                       ``evaluate_dpr_retrieval`` do. ir-measures has no name for this measure;
+                       ``Answer@k`` follows its ``Name@cutoff`` pattern so it sits in the same
+                       ``metric`` column of ``metrics.csv``.
+=====================  ==========================================================================
+
+Conventions shared by all metrics here:
+
+* Ranking is by SCORE, descending; ties are broken by passage id descending (trec_eval's order).
+  The ``rank`` column of a run is ignored, exactly as trec_eval ignores it.
+* The mean is over every query of the reference (qrels or answers); a judged query with no
+  retrieved passage scores 0 (trec_eval ``-c``). Judged queries with no relevant passage count,
+  with a score of 0, as in trec_eval. Queries that appear only in the run are not evaluated; they
+  are counted in ``num_queries`` by :func:`evaluate_split` so nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from simlm_core.io import (
+    ANSWERS_SCHEMA,
+    QRELS_SCHEMA,
+    InputError,
+    PassageStore,
+    read_run,
+    read_table,
+)
+
+log = logging.getLogger(__name__)
+
+#: Column names of our artifacts -> the names ir-measures expects. The only place they are renamed.
+IR_MEASURES_COLUMNS = {"qid": "query_id", "pid": "doc_id"}
+
+#: Key prefix of the DPR answer-matching hit rate (``Answer@20``, ``Answer@100``).
+ANSWER_PREFIX = "Answer@"
+_ANSWER_RE = re.compile(r"^Answer@(\d+)$")
+
+#: Short definitions, keyed by metric family; :func:`describe_metric` picks the right one.
+METRIC_DEFINITIONS: dict[str, str] = {
+    "RR": "reciprocal rank of the first relevant passage within the cutoff (MRR@k), else 0",
+    "R": "TREC recall: relevant passages retrieved within the cutoff / all relevant judged",
+    "nDCG": "trec_eval nDCG at the cutoff: graded labels, linear gain, log2 discount",
+    "P": "precision: relevant passages within the cutoff / cutoff",
+    "AP": "average precision (trec_eval map)",
+    "Answer": "DPR top-k accuracy (hit rate): any of the top k passages' text contains an answer "
+    "(token-level match, pyserini has_answers)",
+}
+
+# Per-dataset default measures (DESIGN §4, §4c). Dev of MS MARCO: the paper's MRR@10, R@50, R@1k.
+MSMARCO_MEASURES = ["RR@10", "R@50", "R@1000"]
+# TREC DL 2019/2020: nDCG@10 on graded labels; MRR and recall count label >= 2 as relevant.
+TREC_DL_MEASURES = ["nDCG@10", "RR(rel=2)@10", "R(rel=2)@1000"]
+# BEIR: its standard nDCG@10 plus the recall Anserini's BEIR regressions print.
+BEIR_MEASURES = ["nDCG@10", "R@100", "R@1000"]
+# Offline demo: the corpus is tiny (runs are shallow), so R@1000 says nothing; MS MARCO's pair
+# RR@10 / R@50 plus R@100 and nDCG@10 give one headline number per family.
+DEMO_MEASURES = ["RR@10", "R@50", "R@100", "nDCG@10"]
+# NQ (DPR): the paper's R@20 / R@100 are answer hit rates.
+NQ_MEASURES = ["Answer@20", "Answer@100"]
+
+_TREC_DL_SPLIT = re.compile(r"^(trec[-_]?)?dl[-_]?(19|20|2019|2020)([-_].*)?$", re.IGNORECASE)
+
+
+def is_trec_dl_split(split: str) -> bool:
+    """True for TREC Deep Learning split names (``dl19``, ``dl20``, ``dl19-passage``, ``trec-dl-2019``)."""
+    return bool(_TREC_DL_SPLIT.match(split or ""))
+
+
+def default_measures(dataset_format: str, split: str) -> list[str]:
+    """The metrics reported by default for a dataset format and split (see module docstring).
+
+    ``msmarco``: ``dev`` (and any non-DL split) -> RR@10, R@50, R@1000; ``dl19``/``dl20`` ->
+    nDCG@10, RR(rel=2)@10, R(rel=2)@1000. ``beir`` -> nDCG@10, R@100, R@1000. ``demo`` -> RR@10,
+    R@50, R@100, nDCG@10. ``nq`` -> Answer@20, Answer@100 (answer hit rates).
+    A TREC DL split name selects the DL measures whatever the format.
+    """
+    fmt = (dataset_format or "").lower()
+    if is_trec_dl_split(split):
+        return list(TREC_DL_MEASURES)
+    table = {"msmarco": MSMARCO_MEASURES, "beir": BEIR_MEASURES, "demo": DEMO_MEASURES, "nq": NQ_MEASURES}
+    if fmt not in table:
+        raise ValueError(f"unknown dataset format {dataset_format!r}; expected one of {sorted(table)}")
+    return list(table[fmt])
+
+
+def describe_metric(name: str) -> str:
+    """One-line definition of a metric name (for reports)."""
+    m = _ANSWER_RE.match(name)
+    if m:
+        return METRIC_DEFINITIONS["Answer"]
+    family = re.match(r"^([A-Za-z]+)", name)
+    text = METRIC_DEFINITIONS.get(family.group(1) if family else "", "see ir-measures documentation")
+    rel = re.search(r"rel=(\d+)", name)
+    if rel:
+        text += f"; relevant = label >= {rel.group(1)}"
+    return text
+
+
+def answer_cutoff(name: str) -> int | None:
+    """k of an ``Answer@k`` name, else None."""
+    m = _ANSWER_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Relevance-judgment metrics (ir-measures)
+def parse_measures(names: Iterable[str]) -> list:
+    """Parse ir-measures names; raise ValueError naming the bad one."""
+    import ir_measures
+
+    out = []
+    for name in names:
+        if answer_cutoff(name) is not None:
+            raise ValueError(f"{name!r} is an answer-matching metric: use answer_hits / evaluate_split")
+        try:
+            out.append(ir_measures.parse_measure(name))
+        except Exception as exc:  # ir-measures raises several types for bad names
+            raise ValueError(f"unknown ir-measures measure {name!r}: {exc}") from exc
+    return out
+
+
+def _check_run(run: pd.DataFrame, what: str = "run") -> pd.DataFrame:
+    missing = [c for c in ("qid", "pid", "score") if c not in run.columns]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {missing}; has {list(run.columns)}")
+    run = pd.DataFrame(
+        {"qid": run["qid"].astype(str), "pid": run["pid"].astype(str), "score": run["score"].astype("float64")}
+    )
+    if run["score"].isna().any():
+        raise ValueError(f"{what} has NaN scores")
+    dup = run.duplicated(["qid", "pid"])
+    if dup.any():
+        first = run[dup].iloc[0]
+        raise ValueError(f"{what} lists passage {first.pid} twice for query {first.qid} ({int(dup.sum())} duplicates)")
+    return run
+
+
+def _check_qrels(qrels: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in ("qid", "pid", "relevance") if c not in qrels.columns]
+    if missing:
+        raise ValueError(f"qrels lack column(s) {missing}; has {list(qrels.columns)}")
+    qrels = pd.DataFrame(
+        {"qid": qrels["qid"].astype(str), "pid": qrels["pid"].astype(str), "relevance": qrels["relevance"].astype("int64")}
+    )
+    dup = qrels.duplicated(["qid", "pid"])
+    if dup.any():
+        first = qrels[dup].iloc[0]
+        raise ValueError(f"qrels judge passage {first.pid} twice for query {first.qid}")
+    return qrels
+
+
+def _to_ir_measures(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rename our qid/pid columns to ir-measures' query_id/doc_id (the single place this happens)."""
+    return frame.rename(columns=IR_MEASURES_COLUMNS)
+
+
+def per_query(run: pd.DataFrame, qrels: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
+    """Per-query values: index = every qrels query (sorted), columns = ``str(measure)``.
+
+    Judged queries the run does not retrieve anything for get 0 (trec_eval ``-c``); run queries
+    without judgments are left out. Computed by ir-measures' pytrec_eval provider (trec_eval
+    semantics: ranked by score, ties by doc id descending, the ``rank`` column unused) where it
+    supports the measure, else by ir-measures' default provider choice.
+    """
+    import ir_measures
+
+    parsed = parse_measures(measures)
+    run = _check_run(run)
+    qrels = _check_qrels(qrels)
+    judged = sorted(qrels["qid"].unique())
+    names = [str(m) for m in parsed]
+    if not parsed:
+        return pd.DataFrame(index=pd.Index(judged, name="qid"))
+    run = run[run["qid"].isin(set(judged))]
+    ir_run, ir_qrels = _to_ir_measures(run), _to_ir_measures(qrels)
+
+    trec = ir_measures.providers.registry["pytrec_eval"]
+    native = [m for m in parsed if trec.is_available() and trec.supports(m)]
+    other = [m for m in parsed if m not in native]
+    rows: list[tuple[str, str, float]] = []
+    if not run.empty:
+        if native:
+            rows += [(r.query_id, str(r.measure), float(r.value)) for r in trec.iter_calc(native, ir_qrels, ir_run)]
+        if other:
+            rows += [(r.query_id, str(r.measure), float(r.value)) for r in ir_measures.iter_calc(other, ir_qrels, ir_run)]
+    table = pd.DataFrame(rows, columns=["qid", "measure", "value"])
+    if table.empty:
+        wide = pd.DataFrame(index=pd.Index([], name="qid"), columns=names, dtype="float64")
+    else:
+        wide = table.pivot_table(index="qid", columns="measure", values="value", aggfunc="first")
+    # Zero-fill: judged queries missing from the run (or from a provider's output) score 0.
+    wide = wide.reindex(index=judged, columns=names).fillna(0.0)
+    wide.index.name = "qid"
+    return wide
+
+
+def evaluate_run(run: pd.DataFrame, qrels: pd.DataFrame, measures: list[str]) -> dict[str, float]:
+    """Mean of each measure over all judged queries.
+
+    ``run``: columns qid, pid, rank, score; ``qrels``: qid, pid, relevance. ``measures``:
+    ir-measures names (``RR@10``, ``R@50``, ``nDCG@10``, ``RR(rel=2)@10``, ...). Returns
+    ``{str(measure): value}`` (keys as ir-measures prints them).
+
+    Passages are ranked by ``score`` descending with ties broken by pid descending, as
+    trec_eval / pytrec_eval do: the run's ``rank`` column is NOT used (as in trec_eval), so a
+    run whose ranks disagree with its scores is evaluated by its scores. Every query in
+    ``qrels`` counts; one with no retrieved passage scores 0 (trec_eval ``-c``).
+    """
+    if len(qrels) == 0:
+        raise ValueError("qrels are empty: nothing to evaluate against")
+    table = per_query(run, qrels, measures)
+    return {name: float(table[name].mean()) for name in table.columns}
+
+
+def recall_grid(depth: int) -> list[int]:
+    """Log-spaced cutoffs 1, 2, 5, 10, 20, 50, ... up to ``depth`` (``depth`` itself included)."""
+    if depth < 1:
+        return []
+    ks: list[int] = []
+    decade = 1
+    while decade <= depth:
+        ks += [k for k in (decade, 2 * decade, 5 * decade) if k <= depth]
+        decade *= 10
+    if ks[-1] != depth:
+        ks.append(depth)
+    return ks
+
+
+def recall_measure(k: int, rel: int = 1) -> str:
+    """ir-measures name of TREC recall at k with the given minimum relevance."""
+    return f"R@{k}" if rel == 1 else f"R(rel={rel})@{k}"
+
+
+def recall_curve(run: pd.DataFrame, qrels: pd.DataFrame, ks: Sequence[int] | None = None, rel: int = 1) -> dict[int, float]:
+    """TREC recall R@k for each k (default: :func:`recall_grid` up to the run's depth), via ir-measures."""
+    if ks is None:
+        depth = int(run.groupby("qid").size().max()) if len(run) else 0
+        ks = recall_grid(depth)
+    if not ks:
+        return {}
+    names = [recall_measure(k, rel) for k in ks]
+    values = evaluate_run(run, qrels, names)
+    return {k: values[n] for k, n in zip(ks, names)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer matching (DPR / NQ)
+def rank_by_score(run: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
+    """Run rows sorted per query by score descending, ties by pid descending (trec_eval's order),
+    cut to ``depth`` per query when given."""
+    run = _check_run(run)
+    run = run.sort_values(["qid", "score", "pid"], ascending=[True, False, False], kind="mergesort")
+    if depth is not None:
+        run = run.groupby("qid", sort=False).head(depth)
+    return run.reset_index(drop=True)
+
+
+def _answers_map(answers: pd.DataFrame) -> dict[str, list[str]]:
+    missing = [c for c in ("qid", "answers") if c not in answers.columns]
+    if missing:
+        raise ValueError(f"answers lack column(s) {missing}; has {list(answers.columns)}")
+    out: dict[str, list[str]] = {}
+    for qid, ans in zip(answers["qid"].astype(str), answers["answers"]):
+        if ans is None or (isinstance(ans, float) and math.isnan(ans)):
+            ans = []
+        elif isinstance(ans, str):
+            ans = [ans]
+        if qid in out:
+            raise ValueError(f"answers list question {qid} twice")
+        out[qid] = [str(a) for a in ans]
+    return out
+
+
+def answer_first_hit(
+    run: pd.DataFrame, answers: pd.DataFrame, store: PassageStore, depth: int = 100, batch_queries: int = 512
+) -> dict[str, int | None]:
+    """0-based rank of the first passage (by score) whose text contains an answer, per question
+    of ``answers``; None if none of the top ``depth`` does (or nothing was retrieved)."""
+    from pyserini.eval.evaluate_dpr_retrieval import SimpleTokenizer, has_answers
+
+    tokenizer = SimpleTokenizer()
+    amap = _answers_map(answers)
+    ranked = rank_by_score(run, depth)
+    ranked = ranked[ranked["qid"].isin(set(amap))]
+    first: dict[str, int | None] = {qid: None for qid in amap}
+    qids = ranked["qid"].unique()
+    for start in range(0, len(qids), batch_queries):
+        chunk = ranked[ranked["qid"].isin(set(qids[start : start + batch_queries]))]
+        # Fetch the batch's passages in one Arrow take; DPR matches on the text, not the title.
+        texts = [text or "" for _title, text in store.get(chunk["pid"].tolist())]
+        pos = 0
+        for qid, size in chunk.groupby("qid", sort=False).size().items():
+            for i in range(size):
+                if has_answers(texts[pos + i], amap[qid], tokenizer, regex=False):
+                    first[qid] = i
+                    break
+            pos += size
+    return first
+
+
+def answer_hits(
+    run: pd.DataFrame, answers: pd.DataFrame, store: PassageStore, ks: Sequence[int] = (20, 100)
+) -> dict[str, float]:
+    """DPR top-k accuracy: share of the ``answers`` questions with an answer in the top k.
+
+    ``answers``: columns qid, answers (list of strings). ``store``: anything with
+    ``get(pids) -> [(title, text)]`` (a :class:`simlm_core.io.PassageStore`). Matching is
+    pyserini's ``has_answers`` with ``SimpleTokenizer`` (string mode: NFD-normalised, uncased
+    token sequences), applied to the passage text only, not the title: pyserini's
+    ``evaluate_dpr_retrieval`` takes ``ctx['text'].split('\\n')[1]`` ("[0] is title, [1] is
+    text") and DPR's ``qa_validation`` matches the text field of its (text, title) tuples.
+    Ranking is by score (ties by pid descending); questions with no retrieved passages are
+    misses. Keys are ``Answer@{k}`` (our name; ir-measures has none for this hit rate).
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"answer cutoffs must be positive integers, got {ks}")
+    if len(answers) == 0:
+        raise ValueError("answers are empty: nothing to evaluate against")
+    first = answer_first_hit(run, answers, store, depth=ks[-1])
+    n = len(first)
+    return {f"{ANSWER_PREFIX}{k}": sum(1 for r in first.values() if r is not None and r < k) / n for k in ks}
+
+
+# ---------------------------------------------------------------------------------------------
+# File loaders (Parquet artifacts, plus TREC / BEIR text for external references)
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def load_run(path) -> pd.DataFrame:
+    """A run from Parquet (our artifact) or TREC run text (``qid Q0 pid rank score tag``, .gz ok)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return read_run(path)
+    rows = []
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 6:
+                raise InputError(path, f"expected 6 fields 'qid Q0 pid rank score tag', got {len(parts)}", n)
+            try:
+                rows.append((parts[0], parts[2], int(parts[3]), float(parts[4])))
+            except ValueError as exc:
+                raise InputError(path, f"bad rank or score: {exc}", n) from exc
+    return pd.DataFrame(rows, columns=["qid", "pid", "rank", "score"])
+
+
+def load_qrels(path) -> pd.DataFrame:
+    """Qrels from Parquet, TREC qrels text (``qid iter pid rel``) or BEIR tsv (header ``query-id``)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return read_table(path, QRELS_SCHEMA)
+    rows = []
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts or (n == 1 and parts[0] == "query-id"):
+                continue
+            if len(parts) == 4:
+                qid, pid, rel = parts[0], parts[2], parts[3]
+            elif len(parts) == 3:
+                qid, pid, rel = parts
+            else:
+                raise InputError(path, f"expected 'qid iter pid rel' or 'qid pid rel', got {len(parts)} fields", n)
+            try:
+                rows.append((qid, pid, int(rel)))
+            except ValueError as exc:
+                raise InputError(path, f"relevance is not an integer: {rel!r}", n) from exc
+    return pd.DataFrame(rows, columns=["qid", "pid", "relevance"])
+
+
+def load_answers(path) -> pd.DataFrame:
+    """Answers from Parquet (``qid, answers``) or BEIR-style jsonl (``_id``, ``answers``)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return read_table(path, ANSWERS_SCHEMA)
+    rows = []
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(path, f"invalid JSON: {exc.msg}", n) from exc
+            if "answers" not in rec or not isinstance(rec["answers"], list):
+                raise InputError(path, "record has no 'answers' list", n)
+            qid = rec.get("_id", rec.get("qid"))
+            if qid is None:
+                raise InputError(path, "record has no '_id' or 'qid'", n)
+            rows.append((str(qid), [str(a) for a in rec["answers"]]))
+    return pd.DataFrame(rows, columns=["qid", "answers"])
+
+
+# ---------------------------------------------------------------------------------------------
+def evaluate_split(
+    run_path,
+    qrels_path=None,
+    answers_path=None,
+    corpus_path=None,
+    measures: Sequence[str] | None = None,
+    answer_ks: Sequence[int] = (20, 100),
+    *,
+    dataset_format: str | None = None,
+    split: str | None = None,
+) -> dict[str, Any]:
+    """Every metric of one system on one split, plus query counts.
+
+    Returns ``{metric: value, ..., "num_queries": {...}}``. ``measures`` may mix ir-measures
+    names and ``Answer@k``; when None it is :func:`default_measures` of ``dataset_format`` /
+    ``split`` if given, else the relevance metrics RR@10, R@50, R@100, R@1000, nDCG@10 (with
+    qrels) and ``Answer@k`` for ``answer_ks`` (with answers). ``answer_ks`` applies when
+    answers are given and ``measures`` names no ``Answer@k``.
+
+    ``num_queries`` holds ``in_run`` and, per reference used, ``in_qrels`` / ``in_answers``,
+    ``run_without_qrels`` / ``run_without_answers`` (run queries not evaluated),
+    ``qrels_without_run`` / ``answers_without_run`` (judged queries scored 0), and
+    ``evaluated`` (the number the relevance metrics average over, or the answer metrics' when
+    there are no qrels).
+    """
+    if measures is None:
+        if dataset_format is not None:
+            measures = default_measures(dataset_format, split or "")
+        else:
+            measures = (["RR@10", "R@50", "R@100", "R@1000", "nDCG@10"] if qrels_path else [])
+    measures = list(measures)
+    ir_names = [m for m in measures if answer_cutoff(m) is None]
+    ks = [answer_cutoff(m) for m in measures if answer_cutoff(m) is not None]
+    if not ks and answers_path is not None and answer_ks:
+        ks = list(answer_ks)
+    if ir_names and qrels_path is None:
+        raise ValueError(f"measures {ir_names} need qrels, but no qrels_path was given")
+    if ks and (answers_path is None or corpus_path is None):
+        raise ValueError("answer metrics need answers_path and corpus_path")
+    if not ir_names and not ks:
+        raise ValueError("nothing to evaluate: no measures, qrels or answers")
+
+    run = load_run(run_path)
+    run_q = set(run["qid"].astype(str))
+    result: dict[str, Any] = {}
+    counts: dict[str, int] = {"in_run": len(run_q)}
+
+    if qrels_path is not None:
+        qrels = load_qrels(qrels_path)
+        judged = set(qrels["qid"].astype(str))
+        counts.update(
+            in_qrels=len(judged),
+            run_without_qrels=len(run_q - judged),
+            qrels_without_run=len(judged - run_q),
+        )
+        if ir_names:
+            result.update(evaluate_run(run, qrels, ir_names))
+            counts["evaluated"] = len(judged)
+        if counts["run_without_qrels"]:
+            log.warning("%s: %d run queries have no qrels and are not evaluated", run_path, counts["run_without_qrels"])
+        if counts["qrels_without_run"]:
+            log.warning("%s: %d judged queries retrieved nothing (scored 0)", run_path, counts["qrels_without_run"])
+
+    if ks:
+        answers = load_answers(answers_path)
+        asked = set(answers["qid"].astype(str))
+        counts.update(
+            in_answers=len(asked),
+            run_without_answers=len(run_q - asked),
+            answers_without_run=len(asked - run_q),
+        )
+        result.update(answer_hits(run, answers, PassageStore(corpus_path), ks))
+        counts.setdefault("evaluated", len(asked))
+    result["num_queries"] = counts
+    return result
