@@ -1,12 +1,14 @@
 # simlm-pipeline: SimLM pre-training and its full dense-retrieval recipe as one DAG.
 # Stages (rules/): data -> bm25 -> pretrain -> retriever (round 1) -> negatives (mining)
 #                  -> reranker -> distillation -> evaluate -> report
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("8.0")
 
 
-configfile: "config.yaml"
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 from simlm_core.config_check import check_config

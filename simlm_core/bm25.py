@@ -76,8 +76,10 @@ _JAVA_TRIM = "".join(chr(c) for c in range(0x21))
 _TSV_BREAKS = re.compile("[\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _WHITESPACE = re.compile(r"\s")
 _FAILURE_LINE = re.compile(r"^(Error: |Exception in thread )")
-_COUNTER_LINE = re.compile(r" - (indexed|unindexable|empty|skipped|errors):\s+(\d+)\s*$")
-_STATS_DOCS = re.compile(r"^documents:\s+(\d+)\s*$")
+# Anserini groups digits the JVM-locale way ("5,183"; "5.183" or "5 183" elsewhere).
+_NUMBER = r"(\d[\d,.'\u00a0\u202f ]*)"
+_COUNTER_LINE = re.compile(r" - (indexed|unindexable|empty|skipped|errors):\s+" + _NUMBER + r"\s*$")
+_STATS_DOCS = re.compile(r"^documents:\s+" + _NUMBER + r"\s*$")
 
 
 class JavaUnavailableError(RuntimeError):
@@ -187,8 +189,8 @@ def run_anserini(main_class: str, args: Sequence[str], heap: str | None = None) 
 
 # ---------------------------------------------------------------------------------------------
 # Indexing
-def _write_collection(corpus_path: Path, folder: Path, threads: int) -> tuple[int, int, list[str]]:
-    """Stream the corpus into JsonCollection files; return (rows, files, empty pids (first 10))."""
+def _write_collection(corpus_path: Path, folder: Path, threads: int) -> tuple[int, int]:
+    """Stream the corpus into JsonCollection files; return (rows, files)."""
     n_rows = io.corpus_size(corpus_path)
     # Enough files for every indexing thread to have work, none over DOCS_PER_FILE documents.
     per_file = max(1, min(DOCS_PER_FILE, math.ceil(n_rows / max(1, threads))))
@@ -234,12 +236,16 @@ def _write_collection(corpus_path: Path, folder: Path, threads: int) -> tuple[in
             f"{n_empty} passage(s) have empty title and text; Anserini would skip them "
             f"(first pids: {empty}); drop or fill them in data preparation",
         )
-    return rows, files, empty
+    return rows, files
 
 
 def _is_indexable(contents: str) -> bool:
     """False where Anserini's DefaultLuceneDocumentGenerator skips the document as empty."""
     return bool(contents.strip(_JAVA_TRIM))
+
+
+def _parse_count(text: str) -> int:
+    return int(re.sub(r"\D", "", text))
 
 
 def _index_doc_count(index_dir: Path) -> int:
@@ -248,7 +254,7 @@ def _index_doc_count(index_dir: Path) -> int:
     for line in lines:
         m = _STATS_DOCS.match(line)
         if m:
-            return int(m.group(1))
+            return _parse_count(m.group(1))
     raise RuntimeError(f"IndexReaderUtils -stats printed no 'documents:' line for {index_dir}")
 
 
@@ -283,7 +289,7 @@ def build_index(
     # Next to the index, not in /tmp: the jsonl is about as large as the corpus text.
     work = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}.jsonl.", dir=index_dir.parent))
     try:
-        rows, files, _ = _write_collection(corpus_path, work, threads)
+        rows, files = _write_collection(corpus_path, work, threads)
         write_seconds = time.perf_counter() - start
         log.info("wrote %d passages to %d jsonl file(s) in %.1f s", rows, files, write_seconds)
         if rows == 0:
@@ -307,9 +313,11 @@ def build_index(
             t0 = time.perf_counter()
             lines = run_anserini(INDEX_CLASS, args, heap)
             index_seconds = time.perf_counter() - t0
-            counters = {m.group(1): int(m.group(2)) for m in map(_COUNTER_LINE.search, lines) if m}
-            in_index = _index_doc_count(tmp_index)
-            if counters.get("indexed") != rows or in_index != rows:
+            counters = {
+                m.group(1): _parse_count(m.group(2)) for m in map(_COUNTER_LINE.search, lines) if m
+            }
+            in_index = _index_doc_count(tmp_index)  # the authoritative count, from Lucene
+            if in_index != rows or counters.get("indexed", rows) != rows:
                 raise RuntimeError(
                     f"Anserini indexed {counters.get('indexed')} documents (index holds "
                     f"{in_index}) but the corpus {corpus_path} has {rows} rows; counters "

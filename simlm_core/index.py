@@ -398,6 +398,8 @@ def load_index(
     except RuntimeError as exc:
         raise InputError(path, f"not a readable FAISS index: {exc}") from exc
 
+    if top_k is not None:
+        top_k = int(min(top_k, index.ntotal))  # the k FAISS will actually be asked for
     ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
     if ivf is not None and nprobe is not None:
         ivf.nprobe = int(min(nprobe, ivf.nlist))

@@ -155,19 +155,21 @@ def parse_measures(names: Iterable[str]) -> list:
 
 
 def _check_run(run: pd.DataFrame, what: str = "run") -> pd.DataFrame:
+    """qid, pid as Python strings (numpy object columns), score as float64; no NaN scores.
+    Duplicate (qid, pid) pairs are caught by :func:`rank_by_score`."""
     missing = [c for c in ("qid", "pid", "score") if c not in run.columns]
     if missing:
         raise ValueError(f"{what} lacks column(s) {missing}; has {list(run.columns)}")
-    run = pd.DataFrame(
-        {"qid": run["qid"].astype(str), "pid": run["pid"].astype(str), "score": run["score"].astype("float64")}
+    out = pd.DataFrame(
+        {
+            "qid": np.asarray(run["qid"].astype(str).to_numpy(dtype=object), dtype=object),
+            "pid": np.asarray(run["pid"].astype(str).to_numpy(dtype=object), dtype=object),
+            "score": run["score"].to_numpy(dtype="float64"),
+        }
     )
-    if run["score"].isna().any():
+    if np.isnan(out["score"].to_numpy()).any():
         raise ValueError(f"{what} has NaN scores")
-    dup = run.duplicated(["qid", "pid"])
-    if dup.any():
-        first = run[dup].iloc[0]
-        raise ValueError(f"{what} lists passage {first.pid} twice for query {first.qid} ({int(dup.sum())} duplicates)")
-    return run
+    return out
 
 
 def _check_qrels(qrels: pd.DataFrame) -> pd.DataFrame:
@@ -193,9 +195,11 @@ def per_query(run: pd.DataFrame, qrels: pd.DataFrame, measures: Sequence[str]) -
     """Per-query values: index = every qrels query (sorted), columns = ``str(measure)``.
 
     Judged queries the run does not retrieve anything for get 0 (trec_eval ``-c``); run queries
-    without judgments are left out. Computed by ir-measures' pytrec_eval provider (trec_eval
-    semantics: ranked by score, ties by doc id descending, the ``rank`` column unused) where it
-    supports the measure, else by ir-measures' default provider choice.
+    without judgments are left out. Passages are ranked by score, ties by pid descending
+    (trec_eval's order; the ``rank`` column is unused) before any provider sees them. Values
+    come from ir-measures' pytrec_eval provider where it supports the measure (R, nDCG, AP,
+    P, ...), else from ir-measures' default choice (RR@k: its MS MARCO provider, the same
+    definition as trec_eval's recip_rank over the top k).
     """
     import ir_measures
 
@@ -207,17 +211,38 @@ def per_query(run: pd.DataFrame, qrels: pd.DataFrame, measures: Sequence[str]) -
     if not parsed:
         return pd.DataFrame(index=pd.Index(judged, name="qid"))
     run = run[run["qid"].isin(set(judged))]
-    ir_run, ir_qrels = _to_ir_measures(run), _to_ir_measures(qrels)
+    # Fix the ranking once, trec_eval's way (score desc, ties by pid desc), and hand the
+    # providers strictly decreasing scores: ir-measures routes RR@k to its MS MARCO provider,
+    # whose tie order differs from trec_eval's; with no ties left every provider agrees.
+    ranked = rank_by_score(run)
+    pids = ranked["pid"].to_numpy()
+    slices = _query_slices(ranked["qid"].to_numpy())
+    ir_qrels = _to_ir_measures(qrels)
+
+    def run_dict(depth: int | None) -> dict[str, dict[str, float]]:
+        # ir-measures' own DataFrame -> dict conversion is row by row (minutes for MS MARCO);
+        # the run goes in as its native dict-of-dicts form {query_id: {doc_id: score}} instead.
+        out = {}
+        for qid, a, b in slices:
+            b = b if depth is None else min(b, a + depth)
+            out[qid] = dict(zip(pids[a:b].tolist(), np.arange(0.0, a - b, -1.0).tolist()))
+        return out
 
     trec = ir_measures.providers.registry["pytrec_eval"]
     native = [m for m in parsed if trec.is_available() and trec.supports(m)]
     other = [m for m in parsed if m not in native]
     rows: list[tuple[str, str, float]] = []
-    if not run.empty:
-        if native:
-            rows += [(r.query_id, str(r.measure), float(r.value)) for r in trec.iter_calc(native, ir_qrels, ir_run)]
-        if other:
-            rows += [(r.query_id, str(r.measure), float(r.value)) for r in ir_measures.iter_calc(other, ir_qrels, ir_run)]
+    if slices:
+        for provider, group in ((trec, native), (ir_measures, other)):
+            if not group:
+                continue
+            # Every cutoff measure only looks at the top k: give the group its deepest cutoff.
+            cutoffs = [m["cutoff"] if "cutoff" in m.params else None for m in group]
+            depth = None if any(not isinstance(c, int) for c in cutoffs) else max(cutoffs)
+            rows += [
+                (r.query_id, str(r.measure), float(r.value))
+                for r in provider.iter_calc(group, ir_qrels, run_dict(depth))
+            ]
     table = pd.DataFrame(rows, columns=["qid", "measure", "value"])
     if table.empty:
         wide = pd.DataFrame(index=pd.Index([], name="qid"), columns=names, dtype="float64")
@@ -281,13 +306,42 @@ def recall_curve(run: pd.DataFrame, qrels: pd.DataFrame, ks: Sequence[int] | Non
 # ---------------------------------------------------------------------------------------------
 # Answer matching (DPR / NQ)
 def rank_by_score(run: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
-    """Run rows sorted per query by score descending, ties by pid descending (trec_eval's order),
-    cut to ``depth`` per query when given."""
+    """Run rows (qid, pid, score) grouped by query (qids in sorted order) and sorted within a
+    query by score descending, ties by pid descending (trec_eval's order), cut to ``depth`` per
+    query when given. Raises ValueError if a query lists a passage twice (trec_eval refuses)."""
     run = _check_run(run)
-    run = run.sort_values(["qid", "score", "pid"], ascending=[True, False, False], kind="mergesort")
+    if run.empty:
+        return run.reset_index(drop=True)
+    qcode, _ = pd.factorize(run["qid"].to_numpy(), sort=True)
+    pcode, puniq = pd.factorize(run["pid"].to_numpy(), sort=True)  # codes follow string order
+    key = qcode.astype(np.int64) * max(len(puniq), 1) + pcode
+    uniq, first_idx, counts = np.unique(key, return_index=True, return_counts=True)
+    if len(uniq) != len(key):
+        i = first_idx[np.argmax(counts > 1)]
+        raise ValueError(
+            f"run lists passage {run['pid'].iat[i]} twice for query {run['qid'].iat[i]} "
+            f"({len(key) - len(uniq)} duplicates)"
+        )
+    score = run["score"].to_numpy()
+    order = np.lexsort((-pcode, -score, qcode))
     if depth is not None:
-        run = run.groupby("qid", sort=False).head(depth)
-    return run.reset_index(drop=True)
+        sorted_q = qcode[order]
+        starts = np.r_[0, np.flatnonzero(sorted_q[1:] != sorted_q[:-1]) + 1]
+        sizes = np.diff(np.r_[starts, len(order)])
+        position = np.arange(len(order)) - np.repeat(starts, sizes)
+        order = order[position < depth]
+    return pd.DataFrame(
+        {"qid": run["qid"].to_numpy()[order], "pid": run["pid"].to_numpy()[order], "score": score[order]}
+    )
+
+
+def _query_slices(qids: np.ndarray) -> list[tuple[str, int, int]]:
+    """(qid, start, end) of each run of equal qids in an array grouped by query."""
+    if len(qids) == 0:
+        return []
+    starts = np.r_[0, np.flatnonzero(qids[1:] != qids[:-1]) + 1]
+    ends = np.r_[starts[1:], len(qids)]
+    return [(qids[a], int(a), int(b)) for a, b in zip(starts, ends)]
 
 
 def _answers_map(answers: pd.DataFrame) -> dict[str, list[str]]:

@@ -216,6 +216,13 @@ def _plot_png(split: str, curves: Mapping[str, Mapping[int, float]], rel: int) -
         if pts:
             ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", markersize=3, label=system)
     ax.set_xscale("log")
+    ks = sorted({k for c in curves.values() for k in c})
+    if ks:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("cutoff k")
     ax.set_ylabel("TREC recall" + (f" (relevance >= {rel})" if rel != 1 else ""))

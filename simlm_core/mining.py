@@ -1,0 +1,288 @@
+"""Hard-negative mining from a retrieval run (DESIGN.md §4 "Mining").
+
+For every query with at least one labelled positive, the negatives are the query's top-``k``
+retrieved passages minus every labelled positive. The same code serves round 1 (a BM25 run) and
+later rounds (a dense retriever's run).
+
+Positions and the window
+    A query's run rows are ordered by ``rank`` (ties keep their input order; a pid retrieved twice
+    keeps its best-ranked row only) and numbered 0, 1, 2, ... : *position* ``p`` is the
+    ``(p+1)``-th retrieved passage, i.e. rank 1 is position 0 in a 1-based run. Only positions
+    ``< top_k`` are considered, and only positions in ``[window_start, window_end)`` become
+    negatives. Positions are counted BEFORE positives are removed, so ``window_start=30`` always
+    skips the retriever's first 30 hits (positives among them included), whatever the labels.
+
+Which passages are excluded
+    ``positives`` are the pids judged ``relevance >= min_relevance``. Excluded from the negatives
+    are all pids judged ``relevance >= min(min_relevance, 1)``: with graded labels and
+    ``min_relevance=2`` a "related" (1) passage is neither a positive nor ever a negative.
+
+Sampling
+    With ``num_negatives``, queries with more candidates keep a random subset of that size, in
+    rank order. The choice for a query depends only on ``(seed, qid, positions)``: it does not
+    change when other queries are added to or removed from the run.
+
+Implementation: vectorised over the whole run with Arrow compute (string matching in C++, no
+Python string objects per row) and NumPy (integer codes); no per-row or per-query Python loop.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from simlm_core.io import NEGATIVES_SCHEMA, PathLike, write_table
+
+NUM_EXAMPLES = 5
+
+
+def _as_string_array(values, name: str) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not isinstance(values, pa.Array):
+        values = pa.array(values, from_pandas=True)
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+    if not pa.types.is_string(values.type):
+        values = values.cast(pa.string())
+    if values.null_count:
+        raise ValueError(f"{values.null_count} null value(s) in column {name!r}")
+    return values
+
+
+def _column(frame, name: str):
+    if isinstance(frame, pa.Table):
+        return frame.column(name)
+    return frame[name]
+
+
+def _int_column(frame, name: str) -> np.ndarray:
+    col = _column(frame, name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if isinstance(col, pa.Array):
+        if col.null_count:
+            raise ValueError(f"{col.null_count} null value(s) in column {name!r}")
+        return col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    arr = pd.Series(col)
+    if arr.isna().any():
+        raise ValueError(f"{int(arr.isna().sum())} null value(s) in column {name!r}")
+    return arr.to_numpy(dtype=np.int64)
+
+
+def _check_columns(frame, needed: Iterable[str], what: str) -> None:
+    have = frame.column_names if isinstance(frame, pa.Table) else list(frame.columns)
+    missing = [c for c in needed if c not in have]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {missing}; has {list(have)}")
+
+
+def _codes(values: pa.Array, value_set: pa.Array) -> np.ndarray:
+    """Index of each value in ``value_set`` (int64), -1 where absent."""
+    idx = pc.index_in(values, value_set=value_set)
+    return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """Stateless 64-bit mixing (SplitMix64 finaliser), vectorised; overflow wraps by design."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _within_group_index(sorted_codes: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each run of equal values of a sorted integer array."""
+    n = len(sorted_codes)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    return np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
+
+
+def _list_array(values: pa.Array, group_codes: np.ndarray, num_groups: int) -> pa.Array:
+    """A list<string> array of ``num_groups`` lists from values already sorted by group code."""
+    counts = np.bincount(group_codes, minlength=num_groups)
+    offsets = np.zeros(num_groups + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    if offsets[-1] < 2**31 - 1:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), values)
+
+
+def mine_negatives(
+    run: pd.DataFrame | pa.Table,
+    qrels: pd.DataFrame | pa.Table,
+    top_k: int = 200,
+    window_start: int = 0,
+    window_end: int | None = None,
+    num_negatives: int | None = None,
+    min_relevance: int = 1,
+    seed: int = 42,
+    queries: Iterable[str] | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """Negatives per query: its run's top-k minus all labelled positives (see the module doc).
+
+    ``run``: ``qid, pid, rank`` (any order; a pandas DataFrame or an Arrow table).
+    ``qrels``: ``qid, pid, relevance``. ``queries``: optional qids to mine for (e.g. the
+    training queries); qrels of other queries are ignored, listed queries without a positive
+    are counted.
+
+    Returns ``(table, stats)``. ``table`` has one row per query that keeps at least one negative,
+    sorted by qid: ``qid``, ``positives`` (sorted), ``negatives`` (rank order). ``stats`` counts
+    every query that was dropped, with a few examples: ``queries_missing_from_run``,
+    ``queries_without_negatives``, ``queries_without_positives``, plus totals and ``rows_per_s``.
+    """
+    if top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    if window_start < 0:
+        raise ValueError(f"window_start must be >= 0, got {window_start}")
+    if window_end is not None and window_end <= window_start:
+        raise ValueError(f"window_end ({window_end}) must be > window_start ({window_start})")
+    if num_negatives is not None and num_negatives <= 0:
+        raise ValueError(f"num_negatives must be positive or None, got {num_negatives}")
+    _check_columns(run, ["qid", "pid", "rank"], "run")
+    _check_columns(qrels, ["qid", "pid", "relevance"], "qrels")
+    t0 = time.perf_counter()
+    stop = min(top_k, window_end) if window_end is not None else top_k
+
+    # --- labels -------------------------------------------------------------------------------
+    q_qid = _as_string_array(_column(qrels, "qid"), "qrels.qid")
+    q_pid = _as_string_array(_column(qrels, "pid"), "qrels.pid")
+    q_rel = _int_column(qrels, "relevance")
+    judged_qids = pc.unique(q_qid)
+    if queries is not None:
+        wanted = pc.unique(_as_string_array(list(queries), "queries"))
+        keep = pc.is_in(q_qid, value_set=wanted).to_numpy(zero_copy_only=False)
+        ignored_qrels_queries = int(len(judged_qids) - pc.sum(pc.is_in(judged_qids, value_set=wanted)).as_py())
+        q_qid, q_pid, q_rel = q_qid.filter(pa.array(keep)), q_pid.filter(pa.array(keep)), q_rel[keep]
+        universe = wanted
+    else:
+        ignored_qrels_queries = 0
+        universe = judged_qids
+    pos_mask = q_rel >= min_relevance
+    targets = pc.unique(q_qid.filter(pa.array(pos_mask)))
+    targets = targets.take(pc.sort_indices(targets))  # output order: sorted qid
+    n_targets = len(targets)
+    no_pos = universe.filter(pc.invert(pc.is_in(universe, value_set=targets)))
+
+    # positives lists, sorted by (qid, pid), deduplicated
+    pos_table = pa.table({"qid": q_qid.filter(pa.array(pos_mask)), "pid": q_pid.filter(pa.array(pos_mask))})
+    pos_table = pos_table.group_by(["qid", "pid"]).aggregate([]).sort_by([("qid", "ascending"), ("pid", "ascending")])
+    pos_codes = _codes(pos_table.column("qid").combine_chunks(), targets)
+    positives = _list_array(pos_table.column("pid").combine_chunks(), pos_codes, n_targets)
+
+    # --- run: restrict to target queries, order by (query, rank), number positions -------------
+    r_qid = _as_string_array(_column(run, "qid"), "run.qid")
+    r_pid = _as_string_array(_column(run, "pid"), "run.pid")
+    r_rank = _int_column(run, "rank")
+    n_run_rows = len(r_qid)
+    qcode = _codes(r_qid, targets)
+    rows = np.flatnonzero(qcode >= 0)
+    qcode, rank = qcode[rows], r_rank[rows]
+    if len(rows) > 1:
+        dq = np.diff(qcode)
+        is_sorted = bool(np.all(dq >= 0) and np.all(np.diff(rank)[dq == 0] >= 0))
+    else:
+        is_sorted = True
+    if not is_sorted:
+        order = np.lexsort((rank, qcode))  # stable: rank ties keep their input order
+        rows, qcode = rows[order], qcode[order]
+    del rank
+
+    # a pid retrieved twice for one query keeps its best-ranked row
+    encoded = pc.dictionary_encode(r_pid.take(pa.array(rows)))
+    dictionary = encoded.dictionary
+    pcode = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    pair = qcode * np.int64(max(len(dictionary), 1)) + pcode
+    dup = pd.Series(pair).duplicated(keep="first").to_numpy()
+    n_dup = int(dup.sum())
+    if n_dup:
+        keep_rows = ~dup
+        rows, qcode, pcode, pair = rows[keep_rows], qcode[keep_rows], pcode[keep_rows], pair[keep_rows]
+    position = _within_group_index(qcode)
+    in_run = np.bincount(qcode, minlength=n_targets) > 0
+
+    # --- exclusion of judged-relevant pids ------------------------------------------------------
+    excl_mask = q_rel >= min(min_relevance, 1)
+    ex_q = _codes(q_qid.filter(pa.array(excl_mask)), targets)
+    ex_p = _codes(q_pid.filter(pa.array(excl_mask)), dictionary)
+    ok = (ex_q >= 0) & (ex_p >= 0)
+    excluded_pairs = ex_q[ok] * np.int64(max(len(dictionary), 1)) + ex_p[ok]
+    in_window = (position >= window_start) & (position < stop)
+    is_excluded = pd.Series(pair).isin(excluded_pairs).to_numpy() if len(excluded_pairs) else np.zeros(len(pair), bool)
+    positives_in_window = int((in_window & is_excluded).sum())
+    keep = in_window & ~is_excluded
+    del pair, is_excluded, in_window
+
+    # --- sampling -------------------------------------------------------------------------------
+    if num_negatives is not None:
+        kq, kpos = qcode[keep], position[keep]
+        qhash = pd.util.hash_array(np.asarray(targets.to_pylist(), dtype=object),
+                                   hash_key=f"{seed & 0xFFFFFFFFFFFFFFFF:016x}")
+        with np.errstate(over="ignore"):
+            key = _splitmix64(qhash[kq] ^ _splitmix64(kpos.astype(np.uint64) + np.uint64(seed & 0xFFFFFFFF)))
+        order = np.lexsort((key, kq))
+        chosen = np.zeros(len(kq), bool)
+        chosen[order[_within_group_index(kq[order]) < num_negatives]] = True
+        keep_idx = np.flatnonzero(keep)
+        keep[keep_idx[~chosen]] = False
+
+    neg_q = qcode[keep]
+    negatives = _list_array(dictionary.take(pa.array(pcode[keep])), neg_q, n_targets)
+    n_neg = np.bincount(neg_q, minlength=n_targets)
+
+    # --- assemble, count what is dropped ------------------------------------------------------
+    out_mask = n_neg > 0
+    missing = ~in_run
+    no_neg = in_run & (n_neg == 0)
+    table = pa.table({"qid": targets, "positives": positives, "negatives": negatives})
+    table = table.filter(pa.array(out_mask))
+    df = table.to_pandas()
+    seconds = time.perf_counter() - t0
+
+    def examples(mask: np.ndarray) -> list[str]:
+        return targets.filter(pa.array(mask)).slice(0, NUM_EXAMPLES).to_pylist()
+
+    kept_counts = n_neg[out_mask]
+    stats = {
+        "params": {
+            "top_k": top_k, "window_start": window_start, "window_end": window_end,
+            "num_negatives": num_negatives, "min_relevance": min_relevance, "seed": seed,
+        },
+        "run_rows": n_run_rows,
+        "run_rows_ignored": int(n_run_rows - len(rows) - n_dup),
+        "run_duplicate_rows_dropped": n_dup,
+        "run_was_sorted": is_sorted,
+        "queries_with_positives": n_targets,
+        "queries_in_output": int(out_mask.sum()),
+        "queries_missing_from_run": int(missing.sum()),
+        "queries_missing_from_run_examples": examples(missing),
+        "queries_without_negatives": int(no_neg.sum()),
+        "queries_without_negatives_examples": examples(no_neg),
+        "queries_without_positives": int(len(no_pos)),
+        "queries_without_positives_examples": no_pos.slice(0, NUM_EXAMPLES).to_pylist(),
+        "qrels_queries_ignored": ignored_qrels_queries,
+        "positives_removed_from_window": positives_in_window,
+        "negatives_total": int(n_neg.sum()),
+        "negatives_per_query_mean": float(kept_counts.mean()) if len(kept_counts) else 0.0,
+        "negatives_per_query_min": int(kept_counts.min()) if len(kept_counts) else 0,
+        "negatives_per_query_max": int(kept_counts.max()) if len(kept_counts) else 0,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(n_run_rows / seconds, 1) if seconds > 0 else None,
+    }
+    return df, stats
+
+
+def write_negatives(df: pd.DataFrame | pa.Table, path: PathLike) -> None:
+    """Write a negatives table (``qid, positives, negatives``) atomically with NEGATIVES_SCHEMA."""
+    write_table(df, path, NEGATIVES_SCHEMA)
+
+
+__all__ = ["mine_negatives", "write_negatives"]

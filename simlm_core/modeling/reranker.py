@@ -1,0 +1,134 @@
+"""Cross-encoder re-ranker: one relevance score for ``[CLS] query [SEP] passage [SEP]``.
+
+The model is a plain Hugging Face ``AutoModelForSequenceClassification`` with one output
+(``num_labels=1``); for the paper it is initialised from ELECTRA-base (discriminator), whose
+classification head reads the [CLS] vector. Passages are shown as ``title: text`` (the authors'
+format, ``unilm/simlm/src/loaders/cross_encoder_dataloader.py``), and pairs are truncated
+``longest_first`` to ``max_len`` tokens as the authors' ``truncation=True`` does: with a short query
+that cuts the passage only, and a pathological query longer than the passage is cut too instead of
+raising.
+
+Saved checkpoints are ordinary ``save_pretrained`` folders (config, ``model.safetensors``,
+tokenizer) so any HF tool loads them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from simlm_core.io import passage_text
+
+DEFAULT_MAX_LEN = 192
+TITLE_SEPARATOR = ": "
+
+
+def format_passage(title: str | None, text: str) -> str:
+    """How the re-ranker sees a passage: ``title: text`` (just ``text`` without a title)."""
+    return passage_text(title, text, sep=TITLE_SEPARATOR)
+
+
+def tokenize_pairs(tokenizer, queries: Sequence[str], passages: Sequence[str], max_len: int = DEFAULT_MAX_LEN,
+                   padding: bool | str = True):
+    """Tokenise (query, passage) pairs into one padded batch of PyTorch tensors."""
+    return tokenizer(
+        list(queries),
+        list(passages),
+        max_length=max_len,
+        truncation="longest_first",
+        padding=padding,
+        return_tensors="pt",
+    )
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA devices that support it; a no-op elsewhere (CPU runs fp32)."""
+    if bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class CrossEncoder:
+    """A sequence-classification model with one logit, plus its tokenizer."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer) -> None:
+        if model.config.num_labels != 1:
+            raise ValueError(f"a cross-encoder needs num_labels=1, the model has {model.config.num_labels}")
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike[str], **model_kwargs) -> "CrossEncoder":
+        """Load a checkpoint or initialise from an encoder (a fresh one-logit head is added then).
+
+        Weights are loaded in fp32 whatever dtype they were saved in (mixed precision is applied at
+        run time by autocast, never by storing low-precision master weights).
+        """
+        name = str(path_or_hub_id)
+        model_kwargs.setdefault("dtype", torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        return cls(model, tokenizer)
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Plain HF layout: ``config.json``, ``model.safetensors`` and the tokenizer files."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    @torch.inference_mode()
+    def score_pairs(
+        self,
+        queries: Sequence[str],
+        passages: Sequence[str],
+        batch_size: int = 128,
+        max_len: int = DEFAULT_MAX_LEN,
+        device: str | torch.device = "auto",
+        bf16: bool = True,
+        show_progress: bool = True,
+    ) -> np.ndarray:
+        """Score each (query, passage) pair; returns float32 scores in input order.
+
+        Pairs are processed longest first in batches of similar length (less padding); bf16
+        autocast is used on CUDA only.
+        """
+        if len(queries) != len(passages):
+            raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
+        n = len(queries)
+        scores = np.empty(n, dtype=np.float32)
+        if n == 0:
+            return scores
+        dev = resolve_device(device)
+        was_training = self.model.training
+        self.model.eval()
+        self.model.to(dev)
+        # Character length is a cheap proxy for token length: batches of similar lengths.
+        order = np.argsort([-(len(q) + len(p)) for q, p in zip(queries, passages)], kind="stable")
+        try:
+            for start in tqdm(range(0, n, batch_size), desc="rerank score", unit="batch",
+                              disable=not show_progress, mininterval=5):
+                idx = order[start:start + batch_size]
+                batch = tokenize_pairs(self.tokenizer, [queries[i] for i in idx], [passages[i] for i in idx],
+                                       max_len=max_len)
+                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+                with autocast_context(dev, bf16):
+                    logits = self.model(**batch).logits
+                scores[idx] = logits.view(-1).float().cpu().numpy()
+        finally:
+            self.model.train(was_training)
+        return scores

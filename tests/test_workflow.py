@@ -1,0 +1,137 @@
+"""The DAG itself: config validation, dry runs of every config, and an end-to-end run of a tiny
+demo with its rerun behaviour (nothing to do twice; a changed parameter or core module reruns
+that stage and its dependants only)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+E2E_CONFIG = REPO / "tests" / "e2e_config.yaml"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from a dry run's 'Job stats' table ({} when nothing is to be done)."""
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:", 1)[1]
+    jobs: dict[str, int] = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        if m.group(1) != "total":
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+def test_unknown_config_key_is_a_one_line_error(tmp_path):
+    proc = snakemake(tmp_path, "-n", "--config", "bm25={k1: 0.9, kk: 1}", check=False)
+    assert proc.returncode != 0
+    line = next(l for l in (proc.stdout + proc.stderr).splitlines() if "config key" in l)
+    assert "'bm25'" in line and "kk" in line
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    proc = snakemake(tmp_path, "-n", "--config", "encode={shards: many}", check=False)
+    assert proc.returncode != 0
+    assert "config key 'encode.shards'" in proc.stdout + proc.stderr
+
+
+def test_demo_dry_run_plans_every_stage(tmp_path):
+    jobs = planned_jobs(snakemake(tmp_path, "-n"))
+    for rule in [
+        "prepare_data", "bm25_index", "bm25_search", "bm25_negatives", "init_model",
+        "train_generator", "pretrain", "train_dense", "encode_shard", "build_index",
+        "dense_search", "mine_negatives", "train_reranker", "rerank", "score_teacher_shard",
+        "merge_teacher_scores", "evaluate", "report",
+    ]:
+        assert rule in jobs, f"{rule} missing from the demo DAG: {jobs}"
+    # retriever1, retriever1_nopretrain and retriever_distill are trained; 2 shards each.
+    assert jobs["train_dense"] == 3
+    assert jobs["encode_shard"] == 6
+
+
+@pytest.mark.parametrize("name", ["msmarco", "nq", "beir"])
+def test_paper_configs_plan(tmp_path, name):
+    data = tmp_path / "data"
+    data.mkdir()
+    jobs = planned_jobs(
+        snakemake(tmp_path, "-n", "--configfile", str(REPO / "configs" / f"{name}.yaml"),
+                  "--config", f"dataset={{path: {data}}}")
+    )
+    assert "pretrain" in jobs or name == "beir"
+    assert "init_model" not in jobs  # paper configs start from real pre-trained models
+    assert jobs["report"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on the tiny demo
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    snakemake(workdir, "--cores", "2", "--configfile", str(E2E_CONFIG))
+    return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.java
+def test_e2e_writes_the_report(e2e_run):
+    report = e2e_run / "results" / "e2e" / "report"
+    csv = pd.read_csv(report / "metrics.csv")
+    assert list(csv.columns) == ["system", "split", "metric", "value"]
+    assert set(csv.system) == {"bm25", "retriever1_nopretrain", "retriever1", "reranker", "retriever_distill"}
+    assert (csv.value.between(0, 1)).all()
+    html = (report / "report.html").read_text()
+    assert "retriever_distill" in html and "data:image/png;base64," in html
+    metrics = json.loads((e2e_run / "results" / "e2e" / "metrics" / "bm25" / "dev.json").read_text())
+    assert metrics["metrics"]["RR@10"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.java
+def test_e2e_second_run_does_nothing(e2e_run):
+    assert planned_jobs(snakemake(e2e_run, "-n", "--configfile", str(E2E_CONFIG))) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.java
+def test_e2e_bm25_parameter_reruns_bm25_and_dependants_only(e2e_run):
+    jobs = planned_jobs(
+        snakemake(e2e_run, "-n", "--configfile", str(E2E_CONFIG), "--config", "bm25={k1: 1.1}")
+    )
+    assert jobs.get("bm25_search") == 2
+    assert "evaluate" in jobs and "report" in jobs
+    for upstream in ["prepare_data", "bm25_index", "init_model", "train_generator", "pretrain"]:
+        assert upstream not in jobs, f"{upstream} must not rerun when only BM25 changes: {jobs}"
+
+
+@pytest.mark.slow
+@pytest.mark.java
+def test_e2e_core_module_edit_reruns_its_stage(e2e_run):
+    metrics_py = REPO / "simlm_core" / "metrics.py"
+    later = time.time() + 5
+    os.utime(metrics_py, (later, later))
+    jobs = planned_jobs(snakemake(e2e_run, "-n", "--configfile", str(E2E_CONFIG)))
+    assert set(jobs) == {"evaluate", "report"}, jobs
