@@ -7,6 +7,8 @@ rule bm25_index:
         code=core("bm25.py"),
     output:
         directory(out("bm25", "index")),
+    params:
+        heap=config["bm25"]["heap"],
     threads: config["bm25"]["threads"]
     resources:
         mem_mb=8000,
@@ -31,7 +33,9 @@ rule bm25_search:
     params:
         k1=config["bm25"]["k1"],
         b=config["bm25"]["b"],
-        hits=config["bm25"]["hits"],
+        # The training split is searched only for negatives: no deeper than mining needs.
+        hits=lambda wc: run_depth(wc.split, config["bm25"]["hits"], config["bm25"]["negatives"]["top_k"]),
+        heap=config["bm25"]["heap"],
         remove_query=config["bm25"]["remove_query"],
     threads: config["bm25"]["threads"]
     resources:

@@ -23,6 +23,11 @@ def out(*parts):
     return os.path.join(OUT, *parts)
 
 
+def run_depth(split, eval_depth, mining_depth):
+    """Eval splits get the full run depth; a split used only for mining gets the mining depth."""
+    return eval_depth if split in EVAL_SPLITS else mining_depth
+
+
 def log_path(name):
     return out("logs", f"{name}.log")
 

@@ -187,7 +187,7 @@ rule dense_search:
     output:
         run=out("{system}", "runs", "{split}.parquet"),
     params:
-        top_k=config["index"]["top_k"],
+        top_k=lambda wc: run_depth(wc.split, config["index"]["top_k"], config["mining"]["top_k"]),
         q_max_len=config["encode"]["q_max_len"],
         batch_size=config["encode"]["batch_size"],
     threads: config["resources"]["cpu_threads"]

@@ -356,7 +356,9 @@ def read_qrels(path: PathLike) -> list[tuple[str, str, int, int]]:
     """
     out = []
     for lineno, text in iter_lines(path):
-        parts = text.split("\t") if "\t" in text else text.split()
+        parts = text.split("\t")
+        if len(parts) not in (3, 4):
+            parts = text.split()  # TREC files separate with spaces
         if len(parts) == 4:
             qid, _, pid, rel = parts
         elif len(parts) == 3:
@@ -429,7 +431,7 @@ def _dedupe_qrels(
 ) -> None:
     """Fill ``split.qrels``; an identical repeated judgment is dropped (counted), a conflicting one fails."""
     first: dict[tuple[str, str], tuple[int, int]] = {}
-    repeated = 0
+    repeated, source = 0, str(path)
     for qid, pid, rel, lineno in rows:
         key = (qid, pid)
         if key in first:
@@ -442,7 +444,7 @@ def _dedupe_qrels(
             continue
         first[key] = (rel, lineno)
         split.qrels.append((qid, pid, rel))
-        split.pid_origin.setdefault(pid, (str(path), lineno))
+        split.pid_origin.setdefault(pid, (source, lineno))
     if repeated:
         _warn(warnings, f"split {split.name}: {repeated} repeated judgment(s) in {path} dropped")
 
@@ -452,7 +454,9 @@ def _warn(warnings: list[str], message: str) -> None:
     warnings.append(message)
 
 
-def _unknown_query(path: PathLike, rows: list[tuple[str, str, int, int]], known: set[str] | dict, queries_path: PathLike) -> None:
+def _unknown_query(
+    path: PathLike, rows: list[tuple[str, str, int, int]], known: set[str] | dict, queries_path: PathLike
+) -> None:
     for qid, _, _, lineno in rows:
         if qid not in known:
             raise InputError(path, f"qrels name query {qid!r}, which is not in {queries_path}", lineno)
@@ -650,7 +654,8 @@ def resolve_source(dataset: dict[str, Any]) -> SourceSpec:
             return load
 
         return SourceSpec(fmt, corpus, {n: beir_loader(n) for n in names})
-    corpus = _must_exist(_resolve(root, dataset.get("corpus") or (MSMARCO_CORPUS if fmt == "msmarco" else NQ_CORPUS)), "corpus")
+    default_corpus = MSMARCO_CORPUS if fmt == "msmarco" else NQ_CORPUS
+    corpus = _must_exist(_resolve(root, dataset.get("corpus") or default_corpus), "corpus")
     if fmt == "msmarco":
         files = _msmarco_split_files(root, splits)
         return SourceSpec(fmt, corpus, {
@@ -675,7 +680,9 @@ def expected_artifacts(dataset: dict[str, Any]) -> list[str]:
     return paths
 
 
-def dataset_spec(section: dict[str, Any], splits: Sequence[str] | None = None, seed: int | None = None) -> dict[str, Any]:
+def dataset_spec(
+    section: dict[str, Any], splits: Sequence[str] | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """Turn the workflow's ``dataset`` config section into ``prepare_dataset``'s ``dataset`` dict.
 
     ``section`` has ``format``, ``path``, ``options`` (msmarco/nq: ``corpus`` and ``splits``
@@ -756,7 +763,9 @@ def _corpus_parser(fmt: str, path: Path) -> tuple[Callable[[PathLike, int, str],
     return _dpr_passage_parser(path, None), False
 
 
-def iter_passages(fmt: str, path: PathLike, on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[int, str, str, str]]:
+def iter_passages(
+    fmt: str, path: PathLike, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, str, str, str]]:
     """Yield ``(line, pid, title, text)`` for each passage of a corpus file of format ``fmt``."""
     parse, has_header = _corpus_parser(fmt, Path(path))
     lines = iter_lines(path, on_bytes)
@@ -837,8 +846,8 @@ def convert_corpus(
     path = Path(path)
     check = _CorpusCheck(dict(needed or {}))
     cols: dict[str, list[str]] = {"pid": [], "title": [], "text": []}
-    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"corpus {path.name}",
-               disable=not progress, mininterval=1.0)
+    size = None if path.suffix == ".gz" else path.stat().st_size  # bytes read are uncompressed
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"corpus {path.name}", disable=not progress, mininterval=1.0)
     with bar, ParquetStreamWriter(out_path, CORPUS_SCHEMA) as writer:
         for lineno, pid, title, text in iter_passages(fmt, path, bar.update):
             _check_text(path, lineno, pid, title, text, check)

@@ -15,5 +15,6 @@ stats = search(
     hits=p.hits,
     threads=snakemake.threads,  # noqa: F821
     remove_query=p.remove_query,
+    heap=p.heap,
 )
 print(stats)

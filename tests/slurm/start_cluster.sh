@@ -11,7 +11,7 @@
 # Environment:
 #   SIMLM_SLURM_DIR        state folder (default /tmp/simlm-slurm)
 #   SIMLM_SLURM_PORT_BASE  slurmctld port; slurmd, slurmdbd and MariaDB use the next three (16817)
-#   SIMLM_SLURM_FAKE_GPUS  count-only GPUs the node advertises, for --gpus submissions (2)
+#   SIMLM_SLURM_FAKE_GPUS  stand-in GPUs the node advertises, for --gpus submissions (2, >= 1)
 #   SIMLM_SLURM_NO_INSTALL set to 1 to never run apt-get (exit 77 if packages are missing)
 # Exit status: 0 cluster up; 77 this machine cannot host it (not root, packages missing and not
 # installable); anything else: a start-up failure (logs under $SIMLM_SLURM_DIR/log).
@@ -113,8 +113,13 @@ render() {  # render TEMPLATE OUTPUT
         -e "s|@DBD_PORT@|$DBD_PORT|g" -e "s|@DB_PORT@|$DB_PORT|g" -e "s|@DB_PASS@|$DB_PASS|g" \
         -e "s|@CPUS@|$CPUS|g" -e "s|@BOARDS@|$BOARDS|g" -e "s|@SOCKETS@|$SOCKETS|g" \
         -e "s|@CORES@|$CORES|g" -e "s|@THREADS@|$THREADS|g" -e "s|@MEM_MB@|$MEM_MB|g" \
-        -e "s|@FAKE_GPUS@|$FAKE_GPUS|g" "$1" > "$2"
+        -e "s|@FAKE_GPUS@|$FAKE_GPUS|g" -e "s|@LAST_GPU@|$LAST_GPU|g" "$1" > "$2"
 }
+LAST_GPU=$((FAKE_GPUS - 1))
+mkdir -p "$STATE/fakegpu"
+for i in $(seq 0 "$LAST_GPU"); do   # /dev/null's device numbers; a plain file if mknod is refused
+    mknod "$STATE/fakegpu/gpu$i" c 1 3 2>/dev/null || touch "$STATE/fakegpu/gpu$i"
+done
 render "$HERE/slurm.conf.in" "$STATE/slurm.conf"
 render "$HERE/gres.conf.in" "$STATE/gres.conf"
 render "$HERE/slurmdbd.conf.in" "$STATE/slurmdbd.conf"

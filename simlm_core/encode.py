@@ -1,0 +1,291 @@
+"""Dense encoding of the corpus (sharded) and of queries with a trained retriever.
+
+Corpus shard ``i`` of ``n`` is the contiguous row range ``[i*N//n, (i+1)*N//n)`` of the corpus
+Parquet. It is read row group by row group (groups outside the range are never decoded) and
+encoded chunk by chunk: only one chunk's text (``chunk_rows`` passages) is held at a time.
+Within a chunk passages are sorted by token length (longest first) so each batch pads to
+nearly its own length; embeddings are written back in corpus order. Embeddings are fp16 in a
+memory-mapped ``.npy`` written at a temp path and renamed when complete; ids go to a Parquet
+(``pid``) in the same order, likewise atomically.
+
+GPU: inputs are pinned and moved with ``non_blocking``; a chunk's embeddings are collected on
+the device and copied to the host once per chunk (no per-batch sync); bf16 autocast where the
+GPU supports it. CPU: fp32, ``torch.inference_mode``.
+
+Pooling, normalisation and passage formatting come from the model dir's
+``biencoder_config.json`` (written by training) or are given explicitly for a raw HF model
+(e.g. sentence-transformers MiniLM: ``pooling="mean", normalize=True, passage_format="concat"``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from simlm_core.collators import tokenize_passages, tokenize_queries
+from simlm_core.io import (
+    CORPUS_SCHEMA,
+    IDS_SCHEMA,
+    InputError,
+    ParquetStreamWriter,
+    atomic_path,
+    load_queries,
+)
+from simlm_core.modeling.biencoder import BiEncoder
+
+PathLike = str | os.PathLike[str]
+
+__all__ = [
+    "resolve_device",
+    "load_encoder",
+    "encode_texts",
+    "encode_queries",
+    "encode_corpus_shard",
+    "shard_range",
+]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def shard_range(num_rows: int, shard_index: int, num_shards: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of shard ``shard_index``: contiguous, covering every row once."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} out of range for {num_shards} shards")
+    return shard_index * num_rows // num_shards, (shard_index + 1) * num_rows // num_shards
+
+
+def load_encoder(
+    model_dir: PathLike,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    passage_format: str | None = None,
+    device: str | torch.device = "auto",
+) -> BiEncoder:
+    """A :class:`BiEncoder` in eval mode on ``device`` (with its tokenizer in ``.tokenizer``)."""
+    model = BiEncoder.from_pretrained(model_dir, pooling, normalize, passage_format=passage_format)
+    if model.tokenizer is None:
+        raise ValueError(f"{model_dir}: no tokenizer found beside the model")
+    return model.to(resolve_device(device)).eval()
+
+
+def _use_bf16(device: torch.device, bf16: bool) -> bool:
+    return bool(bf16) and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def encode_texts(
+    model: BiEncoder,
+    tokenizer: Any,
+    texts: Sequence[str] | Sequence[tuple[str | None, str]],
+    *,
+    max_len: int,
+    batch_size: int = 256,
+    bf16: bool = True,
+    passage_format: str | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    progress: Any = None,
+) -> torch.Tensor:
+    """Encode queries (``str`` items) or passages (``(title, text)`` items) -> ``[N, D]``.
+
+    The result stays on the model's device, in input order. Items are tokenised once, sorted by
+    length (longest first) and batched; ``progress`` (a tqdm) is advanced per batch.
+    """
+    device = next(model.parameters()).device
+    n = len(texts)
+    out = torch.empty((n, model.hidden_size), dtype=out_dtype, device=device)
+    if n == 0:
+        return out
+    if isinstance(texts[0], tuple):
+        enc = tokenize_passages(
+            tokenizer,
+            [t for t, _ in texts],
+            [x for _, x in texts],
+            max_len,
+            passage_format or model.bi_config.passage_format,
+        )
+    else:
+        enc = tokenize_queries(tokenizer, texts, max_len)
+    ids_list = enc["input_ids"]
+    tt_list = enc.get("token_type_ids")
+    lengths = np.fromiter((len(x) for x in ids_list), dtype=np.int64, count=n)
+    order = np.argsort(-lengths, kind="stable")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    cuda = device.type == "cuda"
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if _use_bf16(device, bf16) else contextlib.nullcontext()
+    )
+
+    def to_device(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if cuda:
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    with torch.inference_mode(), autocast:
+        for s in range(0, n, batch_size):
+            idx = order[s : s + batch_size]
+            width = int(lengths[idx[0]])
+            ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            tts = np.zeros((len(idx), width), dtype=np.int64) if tt_list is not None else None
+            for r, j in enumerate(idx):
+                k = int(lengths[j])
+                ids[r, :k] = ids_list[j]
+                mask[r, :k] = 1
+                if tts is not None:
+                    tts[r, :k] = tt_list[j]
+            emb = model.encode(to_device(ids), to_device(mask), None if tts is None else to_device(tts))
+            out[to_device(idx)] = emb.to(out_dtype)
+            if progress is not None:
+                progress.update(len(idx))
+    return out
+
+
+def encode_queries(
+    model_dir: PathLike,
+    queries_path: PathLike,
+    batch_size: int = 256,
+    max_len: int | None = None,
+    device: str | torch.device = "auto",
+    bf16: bool = True,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    model: BiEncoder | None = None,
+) -> tuple[list[str], np.ndarray]:
+    """(qids in file order, float32 embeddings ``[Q, D]``). ``max_len`` None: the model's q_max_len (32)."""
+    model = model or load_encoder(model_dir, pooling, normalize, device=device)
+    queries = load_queries(queries_path)
+    qids = list(queries)
+    emb = encode_texts(
+        model,
+        model.tokenizer,
+        [queries[q] for q in qids],
+        max_len=max_len or model.bi_config.q_max_len,
+        batch_size=batch_size,
+        bf16=bf16,
+        out_dtype=torch.float32,
+    )
+    return qids, emb.cpu().numpy()
+
+
+def _iter_shard_batches(pf: pq.ParquetFile, start: int, end: int, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Record batches covering rows ``[start, end)``; row groups outside are not read."""
+    pos = 0
+    columns = [f.name for f in CORPUS_SCHEMA]
+    for rg in range(pf.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        if pos + n <= start:
+            pos += n
+            continue
+        if pos >= end:
+            break
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=columns):
+            lo, hi = max(start, pos), min(end, pos + batch.num_rows)
+            if lo < hi:
+                yield batch.slice(lo - pos, hi - lo)
+            pos += batch.num_rows
+
+
+def _iter_chunks(batches: Iterator[pa.RecordBatch], chunk_rows: int) -> Iterator[pa.Table]:
+    buf: list[pa.RecordBatch] = []
+    size = 0
+    for b in batches:
+        while b.num_rows:
+            take = min(chunk_rows - size, b.num_rows)
+            buf.append(b.slice(0, take))
+            size += take
+            b = b.slice(take)
+            if size == chunk_rows:
+                yield pa.Table.from_batches(buf)
+                buf, size = [], 0
+    if size:
+        yield pa.Table.from_batches(buf)
+
+
+def encode_corpus_shard(
+    model_dir: PathLike,
+    corpus_path: PathLike,
+    shard_index: int,
+    num_shards: int,
+    out_embeddings: PathLike,
+    out_ids: PathLike,
+    batch_size: int = 256,
+    max_len: int | None = None,
+    device: str | torch.device = "auto",
+    bf16: bool = True,
+    chunk_rows: int = 50_000,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    passage_format: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Encode one shard of the corpus to ``out_embeddings`` (fp16 ``.npy``) + ``out_ids`` (Parquet).
+
+    ``max_len`` None: the model's p_max_len (144). Returns a summary (rows, dim, seconds,
+    passages/s, device).
+    """
+    t0 = time.time()
+    pf = pq.ParquetFile(corpus_path)
+    missing = [f.name for f in CORPUS_SCHEMA if f.name not in pf.schema_arrow.names]
+    if missing:
+        raise InputError(corpus_path, f"missing column(s) {missing}; has {pf.schema_arrow.names}")
+    start, end = shard_range(pf.metadata.num_rows, shard_index, num_shards)
+    n = end - start
+    model = load_encoder(model_dir, pooling, normalize, passage_format, device)
+    dev = next(model.parameters()).device
+    dim = model.hidden_size
+    max_len = max_len or model.bi_config.p_max_len
+    Path(out_embeddings).parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(
+        total=n, unit="psg", unit_scale=True, desc=f"encode shard {shard_index}/{num_shards}",
+        disable=not show_progress, smoothing=0.1,
+    )
+    written = 0
+    with ParquetStreamWriter(out_ids, IDS_SCHEMA) as ids_writer, atomic_path(out_embeddings) as tmp:
+        if n == 0:
+            with open(tmp, "wb") as f:
+                np.save(f, np.zeros((0, dim), dtype=np.float16))
+        else:
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+            batches = _iter_shard_batches(pf, start, end, batch_rows=min(chunk_rows, 65_536))
+            for chunk in _iter_chunks(batches, chunk_rows):
+                items = list(zip(chunk.column("title").to_pylist(), chunk.column("text").to_pylist()))
+                emb = encode_texts(
+                    model, model.tokenizer, items, max_len=max_len, batch_size=batch_size, bf16=bf16,
+                    out_dtype=torch.float16, progress=bar,
+                )
+                mm[written : written + len(items)] = emb.cpu().numpy()
+                ids_writer.write({"pid": chunk.column("pid")})
+                written += len(items)
+                del items, emb
+            mm.flush()
+            del mm
+        if written != n:
+            raise RuntimeError(f"shard {shard_index}: encoded {written} rows, expected {n}")
+    bar.close()
+    seconds = time.time() - t0
+    return {
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "start": start,
+        "end": end,
+        "num_passages": n,
+        "dim": dim,
+        "seconds": round(seconds, 3),
+        "passages_per_s": round(n / seconds, 1) if seconds > 0 else None,
+        "device": str(dev),
+        "bf16": _use_bf16(dev, bf16),
+        "out_embeddings": str(out_embeddings),
+        "out_ids": str(out_ids),
+    }

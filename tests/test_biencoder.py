@@ -1,0 +1,156 @@
+"""BiEncoder: pooling, encode, losses through forward, save/load, and DDP-equivalent gradients."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from simlm_core.losses import contrastive_loss, distill_loss
+from simlm_core.modeling.biencoder import (
+    CONFIG_NAME,
+    BiEncoder,
+    biencoder_loss,
+    gather_with_local_grad,
+    pool,
+)
+
+
+def _batch(tokenizer, texts):
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def test_pool_cls_and_mean_by_hand():
+    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert pool(h, mask, "cls").tolist() == [[1.0, 2.0], [5.0, 6.0]]
+    assert pool(h, mask, "mean").tolist() == [[2.0, 3.0], [7.0, 8.0]]  # padding ignored
+    with pytest.raises(ValueError):
+        pool(h, mask, "max")
+
+
+def test_encode_normalised_and_padding_invariant(tiny_bert_dir):
+    model = BiEncoder.from_pretrained(tiny_bert_dir).eval()
+    assert model.pooling == "cls" and model.normalize and model.temperature == 0.02
+    tok = model.tokenizer
+    with torch.no_grad():
+        alone = model.encode(**_batch(tok, ["apple banana"]))
+        padded = model.encode(**_batch(tok, ["apple banana", "river lake ocean stream rain snow storm"]))
+    assert torch.allclose(alone.norm(dim=-1), torch.ones(1), atol=1e-5)
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)
+    assert model.encoder.config._attn_implementation == "sdpa"
+
+
+def test_pooler_frozen(tiny_bert_dir):
+    model = BiEncoder.from_pretrained(tiny_bert_dir)
+    assert all(not p.requires_grad for p in model.encoder.pooler.parameters())
+    assert all(p.requires_grad for n, p in model.encoder.named_parameters() if not n.startswith("pooler"))
+
+
+def test_forward_contrastive_and_distill_match_losses(tiny_bert_dir):
+    model = BiEncoder.from_pretrained(tiny_bert_dir, temperature=0.1, contrastive_weight=0.3).eval()
+    tok = model.tokenizer
+    query = _batch(tok, ["apple banana", "river lake"])
+    passage = _batch(tok, ["apple", "golf", "tiger", "river lake", "paris", "snow"])  # G = 3
+    with torch.no_grad():
+        out = model(query=query, passage=passage)
+        q, p = model.encode(**query), model.encode(**passage)
+        assert out.scores.shape == (2, 6)
+        assert out.loss.item() == pytest.approx(contrastive_loss(q, p, 3, 0.1).item(), rel=1e-5)
+        teacher = torch.tensor([[3.0, 0.0, -1.0], [2.0, 1.0, 0.0]])
+        out_kd = model(query=query, passage=passage, teacher_scores=teacher)
+        expected = distill_loss(q, p, teacher, 3, 0.1, contrastive_weight=0.3)
+        assert out_kd.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert out_kd.kd_loss is not None
+        model.full_contrastive = True
+        out_full = model(query=query, passage=passage)
+        assert out_full.loss.item() == pytest.approx(contrastive_loss(q, p, 3, 0.1, full_contrastive=True).item(), rel=1e-5)
+        assert out_full.scores.shape == (2, 6)  # returned scores: query x passage part only
+
+
+def test_save_load_roundtrip(tiny_bert_dir, tmp_path):
+    model = BiEncoder.from_pretrained(tiny_bert_dir, pooling="mean", normalize=False, temperature=0.5).eval()
+    with torch.no_grad():  # perturb so we do not just reload the original weights
+        model.encoder.embeddings.word_embeddings.weight.add_(0.01)
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    cfg = json.loads((out / CONFIG_NAME).read_text())
+    assert cfg["pooling"] == "mean" and cfg["normalize"] is False and cfg["temperature"] == 0.5
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+
+    again = BiEncoder.from_pretrained(out).eval()
+    assert again.pooling == "mean" and not again.normalize and again.temperature == 0.5
+    tok = AutoTokenizer.from_pretrained(out)
+    query = _batch(tok, ["apple banana", "rain snow"])
+    passage = _batch(tok, ["apple", "golf", "snow", "rain"])
+    with torch.no_grad():
+        a = model(query=query, passage=passage).scores
+        b = again(query=query, passage=passage).scores
+        assert torch.equal(a, b)
+        # a plain HF AutoModel loads the same weights
+        hf = AutoModel.from_pretrained(out).eval()
+        h = hf(**passage).last_hidden_state
+        assert torch.allclose(pool(h, passage["attention_mask"], "mean"), again.encode(**passage), atol=1e-5)
+    # explicit arguments override the saved config
+    assert BiEncoder.from_pretrained(out, pooling="cls").pooling == "cls"
+
+
+def test_gather_with_local_grad_routes_gradient_to_local_slice():
+    local = torch.ones(2, 3, requires_grad=True)
+    others = [torch.zeros(2, 3), torch.full((2, 3), 5.0)]
+    gathered = gather_with_local_grad(local, [others[0], local.detach(), others[1]], rank=1)
+    assert gathered.shape == (6, 3)
+    assert torch.equal(gathered[2:4], local.detach())
+    (gathered * torch.arange(6.0).unsqueeze(1)).sum().backward()
+    assert local.grad.tolist() == [[2.0] * 3, [3.0] * 3]
+    with pytest.raises(ValueError):
+        gather_with_local_grad(local, [torch.zeros(3, 3), local.detach()], rank=1)
+
+
+@pytest.mark.parametrize("distill", [False, True])
+@pytest.mark.parametrize("full", [False, True])
+def test_simulated_ddp_gradients_equal_single_process(distill, full):
+    """W ranks, each with B queries: averaging the ranks' gradients (what DDP does) must equal
+    the single-process gradient of the whole W*B batch."""
+    torch.manual_seed(0)
+    world, b, g, d_in, d = 3, 2, 3, 5, 4
+    enc = torch.nn.Linear(d_in, d)
+    xq, xp = torch.randn(world * b, d_in), torch.randn(world * b * g, d_in)
+    teacher = torch.randn(world * b, g) if distill else None
+    kwargs = dict(temperature=0.1, contrastive_weight=0.2, full_contrastive=full)
+
+    def encode(x):
+        return torch.nn.functional.normalize(enc(x), dim=-1)
+
+    enc.zero_grad()
+    biencoder_loss(encode(xq), encode(xp), teacher_scores=teacher, **kwargs).loss.backward()
+    single = [p.grad.clone() for p in enc.parameters()]
+
+    with torch.no_grad():
+        all_q = [encode(xq[r * b : (r + 1) * b]) for r in range(world)]
+        all_p = [encode(xp[r * b * g : (r + 1) * b * g]) for r in range(world)]
+    summed = [torch.zeros_like(p) for p in enc.parameters()]
+    for r in range(world):
+        enc.zero_grad()
+        q_r, p_r = encode(xq[r * b : (r + 1) * b]), encode(xp[r * b * g : (r + 1) * b * g])
+        t_r = teacher[r * b : (r + 1) * b] if distill else None
+        out = biencoder_loss(q_r, p_r, teacher_scores=t_r, world_q=all_q, world_p=all_p, rank=r, **kwargs)
+        assert out.scores.shape == (b, world * b * g)
+        out.loss.backward()
+        for acc, p in zip(summed, enc.parameters()):
+            acc += p.grad
+    for s, acc in zip(single, summed):
+        assert torch.allclose(s, acc / world, atol=1e-6)
+
+
+def test_activation_checkpointing_switch(tiny_bert_dir):
+    model = BiEncoder.from_pretrained(tiny_bert_dir).train()
+    assert not model.encoder.is_activation_checkpointing
+    model.activation_checkpointing_enable()
+    assert model.encoder.is_activation_checkpointing
+    tok = model.tokenizer
+    out = model(query=_batch(tok, ["apple", "rain"]), passage=_batch(tok, ["apple", "golf", "rain", "java"]))
+    out.loss.backward()
+    grads = [p.grad for n, p in model.encoder.named_parameters() if "layer.0." in n]
+    assert grads and all(gr is not None for gr in grads)
