@@ -158,9 +158,13 @@ def build_trainer(args: BiencoderTrainArgs) -> tuple[BiencoderTrainer, BiEncoder
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     if delay > 0:
         callbacks.append(_StepDelayCallback(delay))
+    overrides: dict[str, Any] = {}
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun without GPUs: HF/accelerate only set up CPU DDP (gloo) when asked for the CPU.
+        overrides["use_cpu"] = True
     trainer = BiencoderTrainer(
         model=model,
-        args=to_training_arguments(cfg),
+        args=to_training_arguments(cfg, **overrides),
         train_dataset=dataset,
         data_collator=collator,
         processing_class=model.tokenizer,

@@ -15,7 +15,8 @@ replacement from its negatives. The authors rotate through each list by ``epoch 
 (``loaders/loader_utils.py``); a seeded draw per (seed, epoch, query) serves the same purpose.
 Too few negatives: contrastive mode fills the group with random corpus passages (never one of
 the query's positives); distillation mode repeats scored negatives (a random passage has no
-teacher score). Both are counted (``stats``). Negatives that are also positives are dropped.
+teacher score). Both are counted (``stats``). Duplicates are dropped, and so are negatives
+that are also positives.
 
 Passage text: by default ``tokenizer(title, text)`` as a sentence pair, exactly as the authors'
 ``biencoder_dataloader.py`` does (``[CLS] title [SEP] text [SEP]``, token type 1 for the text;
@@ -235,10 +236,9 @@ class BiencoderDataset(torch.utils.data.Dataset):
 
     # -- candidates ---------------------------------------------------------------------------
     def _candidates(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        pos = self.pos_rows[self.pos_off[i] : self.pos_off[i + 1]]
-        neg = self.neg_rows[self.neg_off[i] : self.neg_off[i + 1]]
-        neg = neg[~np.isin(neg, pos)]
-        return pos, neg
+        pos = np.unique(self.pos_rows[self.pos_off[i] : self.pos_off[i + 1]])
+        neg = np.unique(self.neg_rows[self.neg_off[i] : self.neg_off[i + 1]])
+        return pos, neg[~np.isin(neg, pos)]
 
     def _scored_candidates(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         pos, neg = self._candidates(i)

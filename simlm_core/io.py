@@ -51,10 +51,18 @@ IDS_SCHEMA = pa.schema([("pid", pa.string())])
 
 # ---------------------------------------------------------------------------------------------
 # Atomic writers
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
+    # mkstemp creates 0600; artifacts get the usual permissions (shared cluster filesystems).
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
 
 
@@ -77,6 +85,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if final.exists():

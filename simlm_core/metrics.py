@@ -45,12 +45,14 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from simlm_core.io import (
     ANSWERS_SCHEMA,
@@ -63,7 +65,9 @@ from simlm_core.io import (
 
 log = logging.getLogger(__name__)
 
-#: Column names of our artifacts -> the names ir-measures expects. The only place they are renamed.
+#: Column names of our artifacts -> the names ir-measures expects, applied by
+#: :func:`_to_ir_measures` only (runs reach ir-measures as {query_id: {doc_id: score}} dicts,
+#: built by :func:`per_query` after fixing the trec_eval order).
 IR_MEASURES_COLUMNS = {"qid": "query_id", "pid": "doc_id"}
 
 #: Key prefix of the DPR answer-matching hit rate (``Answer@20``, ``Answer@100``).
@@ -154,22 +158,31 @@ def parse_measures(names: Iterable[str]) -> list:
     return out
 
 
-def _check_run(run: pd.DataFrame, what: str = "run") -> pd.DataFrame:
-    """qid, pid as Python strings (numpy object columns), score as float64; no NaN scores.
-    Duplicate (qid, pid) pairs are caught by :func:`rank_by_score`."""
+def _arrow_run(run: pd.DataFrame, what: str = "run") -> pa.Table:
+    """The run as an Arrow table qid: string, pid: string, score: float64 (no NaN scores)."""
     missing = [c for c in ("qid", "pid", "score") if c not in run.columns]
     if missing:
         raise ValueError(f"{what} lacks column(s) {missing}; has {list(run.columns)}")
-    out = pd.DataFrame(
+
+    def strings(col: pd.Series) -> pa.Array:
+        try:
+            arr = pa.array(col, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            arr = pa.array(col.astype(str), from_pandas=True)
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        return arr.cast(pa.string())
+
+    table = pa.table(
         {
-            "qid": np.asarray(run["qid"].astype(str).to_numpy(dtype=object), dtype=object),
-            "pid": np.asarray(run["pid"].astype(str).to_numpy(dtype=object), dtype=object),
-            "score": run["score"].to_numpy(dtype="float64"),
+            "qid": strings(run["qid"]),
+            "pid": strings(run["pid"]),
+            "score": pa.array(run["score"].to_numpy(dtype="float64")),
         }
     )
-    if np.isnan(out["score"].to_numpy()).any():
+    if table.num_rows and pc.any(pc.is_nan(table["score"])).as_py():
         raise ValueError(f"{what} has NaN scores")
-    return out
+    return table
 
 
 def _check_qrels(qrels: pd.DataFrame) -> pd.DataFrame:
@@ -204,28 +217,28 @@ def per_query(run: pd.DataFrame, qrels: pd.DataFrame, measures: Sequence[str]) -
     import ir_measures
 
     parsed = parse_measures(measures)
-    run = _check_run(run)
     qrels = _check_qrels(qrels)
     judged = sorted(qrels["qid"].unique())
     names = [str(m) for m in parsed]
     if not parsed:
         return pd.DataFrame(index=pd.Index(judged, name="qid"))
-    run = run[run["qid"].isin(set(judged))]
     # Fix the ranking once, trec_eval's way (score desc, ties by pid desc), and hand the
     # providers strictly decreasing scores: ir-measures routes RR@k to its MS MARCO provider,
     # whose tie order differs from trec_eval's; with no ties left every provider agrees.
-    ranked = rank_by_score(run)
-    pids = ranked["pid"].to_numpy()
-    slices = _query_slices(ranked["qid"].to_numpy())
+    table, starts = _ranked(run, keep_qids=judged)
+    pids = table["pid"].to_pylist()
+    qids = table["qid"].take(pa.array(starts)).to_pylist() if len(starts) else []
+    ends = np.r_[starts[1:], table.num_rows].astype(np.int64) if len(starts) else starts
+    slices = list(zip(qids, starts.tolist(), ends.tolist()))
     ir_qrels = _to_ir_measures(qrels)
 
     def run_dict(depth: int | None) -> dict[str, dict[str, float]]:
-        # ir-measures' own DataFrame -> dict conversion is row by row (minutes for MS MARCO);
+        # ir-measures' own DataFrame -> dict conversion goes row by row (minutes for MS MARCO);
         # the run goes in as its native dict-of-dicts form {query_id: {doc_id: score}} instead.
         out = {}
         for qid, a, b in slices:
             b = b if depth is None else min(b, a + depth)
-            out[qid] = dict(zip(pids[a:b].tolist(), np.arange(0.0, a - b, -1.0).tolist()))
+            out[qid] = dict(zip(pids[a:b], np.arange(0.0, a - b, -1.0).tolist()))
         return out
 
     trec = ir_measures.providers.registry["pytrec_eval"]
@@ -305,43 +318,54 @@ def recall_curve(run: pd.DataFrame, qrels: pd.DataFrame, ks: Sequence[int] | Non
 
 # ---------------------------------------------------------------------------------------------
 # Answer matching (DPR / NQ)
+def _ranked(run: pd.DataFrame, depth: int | None = None, keep_qids=None) -> tuple[pa.Table, np.ndarray]:
+    """Arrow table of the run sorted by qid, then score descending, then pid descending
+    (trec_eval's order; Arrow compares strings bytewise like trec_eval's strcmp), optionally
+    restricted to ``keep_qids`` and cut to ``depth`` per query; plus each query's start row."""
+    table = _arrow_run(run)
+    if keep_qids is not None:
+        table = table.filter(pc.is_in(table["qid"], value_set=pa.array(sorted(keep_qids), pa.string())))
+    if table.num_rows == 0:
+        return table, np.zeros(0, dtype=np.int64)
+    # Duplicate (qid, pid) check on hashed integer codes (cheaper than an Arrow group-by).
+    qenc = pc.dictionary_encode(table["qid"].combine_chunks())
+    penc = pc.dictionary_encode(table["pid"].combine_chunks())
+    key = qenc.indices.to_numpy().astype(np.int64) * max(len(penc.dictionary), 1) + penc.indices.to_numpy()
+    key_order = np.argsort(key, kind="stable")
+    same = np.flatnonzero(key[key_order][1:] == key[key_order][:-1])
+    if len(same):
+        i = int(key_order[same[0]])
+        raise ValueError(
+            f"run lists passage {table['pid'][i].as_py()} twice for query {table['qid'][i].as_py()} "
+            f"({len(same)} duplicates)"
+        )
+    order = pc.sort_indices(table, sort_keys=[("qid", "ascending"), ("score", "descending"), ("pid", "descending")])
+    table = table.take(order)
+    qid = table["qid"].combine_chunks()
+    change = pc.not_equal(qid.slice(1), qid.slice(0, len(qid) - 1)).to_numpy(zero_copy_only=False)
+    starts = np.r_[0, np.flatnonzero(change) + 1].astype(np.int64)
+    if depth is not None:
+        sizes = np.diff(np.r_[starts, table.num_rows])
+        position = np.arange(table.num_rows) - np.repeat(starts, sizes)
+        keep = position < depth
+        table = table.filter(pa.array(keep))
+        new_sizes = np.minimum(sizes, depth)
+        starts = np.r_[0, np.cumsum(new_sizes)[:-1]].astype(np.int64)
+    return table, starts
+
+
 def rank_by_score(run: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
     """Run rows (qid, pid, score) grouped by query (qids in sorted order) and sorted within a
     query by score descending, ties by pid descending (trec_eval's order), cut to ``depth`` per
     query when given. Raises ValueError if a query lists a passage twice (trec_eval refuses)."""
-    run = _check_run(run)
-    if run.empty:
-        return run.reset_index(drop=True)
-    qcode, _ = pd.factorize(run["qid"].to_numpy(), sort=True)
-    pcode, puniq = pd.factorize(run["pid"].to_numpy(), sort=True)  # codes follow string order
-    key = qcode.astype(np.int64) * max(len(puniq), 1) + pcode
-    uniq, first_idx, counts = np.unique(key, return_index=True, return_counts=True)
-    if len(uniq) != len(key):
-        i = first_idx[np.argmax(counts > 1)]
-        raise ValueError(
-            f"run lists passage {run['pid'].iat[i]} twice for query {run['qid'].iat[i]} "
-            f"({len(key) - len(uniq)} duplicates)"
-        )
-    score = run["score"].to_numpy()
-    order = np.lexsort((-pcode, -score, qcode))
-    if depth is not None:
-        sorted_q = qcode[order]
-        starts = np.r_[0, np.flatnonzero(sorted_q[1:] != sorted_q[:-1]) + 1]
-        sizes = np.diff(np.r_[starts, len(order)])
-        position = np.arange(len(order)) - np.repeat(starts, sizes)
-        order = order[position < depth]
+    table, _ = _ranked(run, depth)
     return pd.DataFrame(
-        {"qid": run["qid"].to_numpy()[order], "pid": run["pid"].to_numpy()[order], "score": score[order]}
+        {
+            "qid": np.asarray(table["qid"].to_pylist(), dtype=object),
+            "pid": np.asarray(table["pid"].to_pylist(), dtype=object),
+            "score": table["score"].to_numpy(),
+        }
     )
-
-
-def _query_slices(qids: np.ndarray) -> list[tuple[str, int, int]]:
-    """(qid, start, end) of each run of equal qids in an array grouped by query."""
-    if len(qids) == 0:
-        return []
-    starts = np.r_[0, np.flatnonzero(qids[1:] != qids[:-1]) + 1]
-    ends = np.r_[starts[1:], len(qids)]
-    return [(qids[a], int(a), int(b)) for a, b in zip(starts, ends)]
 
 
 def _answers_map(answers: pd.DataFrame) -> dict[str, list[str]]:
@@ -498,51 +522,56 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Every metric of one system on one split, plus query counts.
 
-    Returns ``{metric: value, ..., "num_queries": {...}}``. ``measures`` may mix ir-measures
-    names and ``Answer@k``; when None it is :func:`default_measures` of ``dataset_format`` /
-    ``split`` if given, else the relevance metrics RR@10, R@50, R@100, R@1000, nDCG@10 (with
-    qrels) and ``Answer@k`` for ``answer_ks`` (with answers). ``answer_ks`` applies when
-    answers are given and ``measures`` names no ``Answer@k``.
+    Returns ``{"metrics": {name: value}, "num_queries": {...}}``.
+
+    ``measures`` may mix ir-measures names and ``Answer@k``. When None it is
+    :func:`default_measures` of ``dataset_format`` / ``split`` if a format is given, else
+    RR@10, R@50, R@100, R@1000, nDCG@10 when qrels are given, plus answer hit rates when
+    answers are given. Answer hit rates are computed only when ``measures`` names an
+    ``Answer@k`` or names no ir-measures measure at all (None or ``[]``) while answers are
+    given; their cutoffs are the named k plus ``answer_ks``. So a demo or MS MARCO split whose answers file is present but empty is
+    never answer-matched.
 
     ``num_queries`` holds ``in_run`` and, per reference used, ``in_qrels`` / ``in_answers``,
     ``run_without_qrels`` / ``run_without_answers`` (run queries not evaluated),
-    ``qrels_without_run`` / ``answers_without_run`` (judged queries scored 0), and
-    ``evaluated`` (the number the relevance metrics average over, or the answer metrics' when
-    there are no qrels).
+    ``qrels_without_run`` / ``answers_without_run`` (reference queries that retrieved nothing,
+    scored 0), and ``evaluated``: the number of queries the relevance metrics average over
+    (the answer metrics' when there are no relevance metrics).
     """
     if measures is None:
         if dataset_format is not None:
             measures = default_measures(dataset_format, split or "")
         else:
-            measures = (["RR@10", "R@50", "R@100", "R@1000", "nDCG@10"] if qrels_path else [])
+            measures = ["RR@10", "R@50", "R@100", "R@1000", "nDCG@10"] if qrels_path is not None else []
+            if answers_path is not None:
+                measures += [f"{ANSWER_PREFIX}{k}" for k in answer_ks]
     measures = list(measures)
     ir_names = [m for m in measures if answer_cutoff(m) is None]
-    ks = [answer_cutoff(m) for m in measures if answer_cutoff(m) is not None]
-    if not ks and answers_path is not None and answer_ks:
-        ks = list(answer_ks)
+    named_ks = [answer_cutoff(m) for m in measures if answer_cutoff(m) is not None]
+    wants_answers = bool(named_ks) or (not ir_names and answers_path is not None)
+    ks = sorted({int(k) for k in named_ks} | {int(k) for k in answer_ks}) if wants_answers else []
     if ir_names and qrels_path is None:
         raise ValueError(f"measures {ir_names} need qrels, but no qrels_path was given")
     if ks and (answers_path is None or corpus_path is None):
-        raise ValueError("answer metrics need answers_path and corpus_path")
+        raise ValueError(f"answer metrics {named_ks} need answers_path and corpus_path")
     if not ir_names and not ks:
         raise ValueError("nothing to evaluate: no measures, qrels or answers")
 
     run = load_run(run_path)
     run_q = set(run["qid"].astype(str))
-    result: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
     counts: dict[str, int] = {"in_run": len(run_q)}
 
-    if qrels_path is not None:
+    if ir_names:
         qrels = load_qrels(qrels_path)
         judged = set(qrels["qid"].astype(str))
         counts.update(
             in_qrels=len(judged),
             run_without_qrels=len(run_q - judged),
             qrels_without_run=len(judged - run_q),
+            evaluated=len(judged),
         )
-        if ir_names:
-            result.update(evaluate_run(run, qrels, ir_names))
-            counts["evaluated"] = len(judged)
+        metrics.update(evaluate_run(run, qrels, ir_names))
         if counts["run_without_qrels"]:
             log.warning("%s: %d run queries have no qrels and are not evaluated", run_path, counts["run_without_qrels"])
         if counts["qrels_without_run"]:
@@ -556,7 +585,10 @@ def evaluate_split(
             run_without_answers=len(run_q - asked),
             answers_without_run=len(asked - run_q),
         )
-        result.update(answer_hits(run, answers, PassageStore(corpus_path), ks))
         counts.setdefault("evaluated", len(asked))
-    result["num_queries"] = counts
-    return result
+        metrics.update(answer_hits(run, answers, PassageStore(corpus_path), ks))
+        if counts["answers_without_run"]:
+            log.warning("%s: %d questions retrieved nothing (misses)", run_path, counts["answers_without_run"])
+    # Keep the requested order (answer cutoffs added through answer_ks go last).
+    order = [m for m in measures if m in metrics] + [m for m in metrics if m not in measures]
+    return {"metrics": {m: metrics[m] for m in order}, "num_queries": counts}

@@ -20,6 +20,7 @@ import base64
 import csv
 import html
 import io
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,8 @@ from typing import Any
 
 from simlm_core.io import InputError, atomic_path, write_text
 from simlm_core import metrics as M
+
+log = logging.getLogger(__name__)
 
 #: Stage systems in pipeline order (DESIGN §3); report rows follow it.
 SYSTEM_ORDER = ("bm25", "retriever1_nopretrain", "retriever1", "retriever2", "reranker", "retriever_distill")
@@ -198,9 +201,17 @@ def compute_recall_curves(items: Sequence[Mapping[str, Any]]) -> dict[str, dict[
     """
     curves: dict[str, dict[str, dict[int, float]]] = {}
     for item in items:
-        run = M.load_run(item["run_path"])
-        qrels = M.load_qrels(item["qrels_path"])
-        curves.setdefault(str(item["split"]), {})[str(item["system"])] = M.recall_curve(run, qrels, rel=_curve_rel(item))
+        qrels_path, run_path = item.get("qrels_path"), item.get("run_path")
+        if not qrels_path or not Path(qrels_path).exists() or not run_path or not Path(run_path).exists():
+            log.warning("recall curve of %s on %s skipped: run or qrels missing", item.get("system"), item.get("split"))
+            continue
+        qrels = M.load_qrels(qrels_path)
+        if qrels.empty:  # e.g. NQ, judged by answers only
+            log.warning("recall curve of %s on %s skipped: no qrels", item.get("system"), item.get("split"))
+            continue
+        curve = M.recall_curve(M.load_run(run_path), qrels, rel=_curve_rel(item))
+        if curve:
+            curves.setdefault(str(item["split"]), {})[str(item["system"])] = curve
     return curves
 
 

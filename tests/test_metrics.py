@@ -175,15 +175,23 @@ def test_evaluate_split_counts_queries(tmp_path):
     write_table(qrels, tmp_path / "qrels.parquet", QRELS_SCHEMA)
     write_table(run, tmp_path / "run.parquet", RUN_SCHEMA)
     out = M.evaluate_split(tmp_path / "run.parquet", tmp_path / "qrels.parquet", measures=["RR@10", "R@50"])
-    assert out["RR@10"] == pytest.approx((1 + 0.5 + 0) / 3)
-    assert out["R@50"] == pytest.approx(2 / 3)
+    assert list(out) == ["metrics", "num_queries"]
+    assert list(out["metrics"]) == ["RR@10", "R@50"]
+    assert out["metrics"]["RR@10"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert out["metrics"]["R@50"] == pytest.approx(2 / 3)
     assert out["num_queries"] == {
         "in_run": 3, "in_qrels": 3, "evaluated": 3, "run_without_qrels": 1, "qrels_without_run": 1,
     }
     by_format = M.evaluate_split(tmp_path / "run.parquet", tmp_path / "qrels.parquet", dataset_format="msmarco", split="dev")
-    assert set(by_format) == {"RR@10", "R@50", "R@1000", "num_queries"}
+    assert list(by_format["metrics"]) == ["RR@10", "R@50", "R@1000"]
     with pytest.raises(ValueError, match="qrels"):
         M.evaluate_split(tmp_path / "run.parquet", measures=["RR@10"])
+    # an answers file given for a split without answer metrics is not touched (demo, MS MARCO)
+    empty = pd.DataFrame({"qid": pd.Series([], dtype=str), "answers": pd.Series([], dtype=object)})
+    write_table(empty, tmp_path / "answers.parquet", ANSWERS_SCHEMA)
+    demo = M.evaluate_split(tmp_path / "run.parquet", tmp_path / "qrels.parquet", answers_path=tmp_path / "answers.parquet",
+                            corpus_path=tmp_path / "missing.parquet", measures=M.default_measures("demo", "dev"), answer_ks=(20, 100))
+    assert list(demo["metrics"]) == ["RR@10", "R@50", "R@100", "nDCG@10"]
 
 
 def test_trec_loaders_report_line(tmp_path):
@@ -343,12 +351,21 @@ def test_evaluate_split_nq(nq, tmp_path):
     write_table(nq["answers"], tmp_path / "answers.parquet", ANSWERS_SCHEMA)
     out = M.evaluate_split(tmp_path / "run.parquet", answers_path=tmp_path / "answers.parquet",
                            corpus_path=nq["corpus_path"], dataset_format="nq", split="dev")
-    assert out["Answer@20"] == pytest.approx(4 / 5) and out["Answer@100"] == pytest.approx(4 / 5)
+    assert out["metrics"] == pytest.approx({"Answer@20": 4 / 5, "Answer@100": 4 / 5})
     assert out["num_queries"] == {"in_run": 4, "in_answers": 5, "run_without_answers": 0, "answers_without_run": 1, "evaluated": 5}
     # jsonl answers (BEIR layout with an 'answers' field) work as well
     out2 = M.evaluate_split(tmp_path / "run.parquet", answers_path=NQ / "queries.jsonl",
                             corpus_path=nq["corpus_path"], answer_ks=(20,))
-    assert out2["Answer@20"] == pytest.approx(4 / 5) and "Answer@100" not in out2
+    assert out2["metrics"] == pytest.approx({"Answer@20": 4 / 5})
+    # named cutoffs plus answer_ks, as the evaluate rule calls it
+    out3 = M.evaluate_split(tmp_path / "run.parquet", None,
+                            answers_path=tmp_path / "answers.parquet", corpus_path=nq["corpus_path"],
+                            measures=["Answer@5"], answer_ks=(20, 100))
+    assert list(out3["metrics"]) == ["Answer@5", "Answer@20", "Answer@100"]
+    # measures=[] (configs/nq.yaml): answer matching only, at answer_ks
+    out4 = M.evaluate_split(tmp_path / "run.parquet", answers_path=tmp_path / "answers.parquet",
+                            corpus_path=nq["corpus_path"], measures=[], answer_ks=(20, 100))
+    assert list(out4["metrics"]) == ["Answer@20", "Answer@100"]
 
 
 def test_metric_definitions_cover_defaults():

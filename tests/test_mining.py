@@ -86,7 +86,7 @@ def test_window_positions_counted_before_removing_positives():
     # ranks need not start at 1 or be contiguous: only their order matters
     run2 = run.assign(rank=run["rank"] * 10 + 7).iloc[::-1]
     df2, st = mine_negatives(run2, qrels, window_start=0, window_end=3)
-    assert list(df2.negatives[0]) == ["a", "b"] and st["run_was_sorted"] is False
+    assert list(df2.negatives[0]) == ["a", "b"] and st["run_order"] == "unsorted"
 
 
 def test_graded_qrels_exclusion_and_positives():
@@ -149,8 +149,34 @@ def test_stats_count_dropped_queries():
 
 def test_duplicate_run_rows_keep_best_rank():
     run = pd.DataFrame({"qid": ["q"] * 4, "pid": ["a", "b", "a", "c"], "rank": [1, 2, 3, 4]})
-    df, st = mine_negatives(run, make_qrels([("q", "z", 1)]), window_end=3)
+    df, st = mine_negatives(run, make_qrels([("q", "z", 1)]))
     assert list(df.negatives[0]) == ["a", "b", "c"] and st["run_duplicate_rows_dropped"] == 1
+    # the repeated row still occupies its position (positions are the run's own rank order)
+    df, _ = mine_negatives(run, make_qrels([("q", "z", 1)]), window_end=3)
+    assert list(df.negatives[0]) == ["a", "b"]
+    # a pid seen before the window is not a negative inside it either
+    df, _ = mine_negatives(run, make_qrels([("q", "z", 1)]), window_start=2)
+    assert list(df.negatives[0]) == ["c"]
+
+
+def test_string_fingerprints_and_duplicates():
+    from simlm_core.mining import _duplicate_pairs, _string_fingerprints
+
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefghij0123456789é€")
+    words = ["", "a", "é"] + ["".join(rng.choice(alphabet, size=int(rng.integers(1, 40)))) for _ in range(3000)]
+    words = list(dict.fromkeys(words))
+    arr = pa.array(words + words[::-1])
+    h = _string_fingerprints(arr, chunk_rows=257)
+    n = len(words)
+    assert len(set(h[:n].tolist())) == n  # distinct strings, distinct fingerprints
+    np.testing.assert_array_equal(h[:n], h[n:][::-1])  # equal strings, equal fingerprints
+    sliced = arr.slice(5, 100)  # non-zero array offset
+    np.testing.assert_array_equal(_string_fingerprints(sliced), h[5:105])
+    np.testing.assert_array_equal(_string_fingerprints(arr.cast(pa.large_string())), h)
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    fp = _string_fingerprints(pa.array(["x", "y", "x", "x", "z", "z"]))
+    assert _duplicate_pairs(groups, fp).tolist() == [False, False, True, False, False, True]
 
 
 def test_bad_arguments():

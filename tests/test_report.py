@@ -151,3 +151,15 @@ def test_recall_curve_matches_ir_measures_on_real_run():
         assert v == pytest.approx(direct[ir_measures.parse_measure(f"R(rel=2)@{k}")], abs=1e-12)
     assert round(curve[100], 4) == 0.4910  # the published figure
     assert all(a <= b for a, b in zip(list(curve.values()), list(curve.values())[1:]))
+
+
+def test_recall_curves_skip_missing_or_empty_qrels(tmp_path):
+    rp, qp = _tiny_split(tmp_path, "good", True)
+    empty = tmp_path / "empty_qrels.parquet"
+    write_table(pd.DataFrame({"qid": [], "pid": [], "relevance": []}), empty, QRELS_SCHEMA)
+    curves = R.compute_recall_curves([
+        {"system": "s", "split": "nq", "run_path": rp, "qrels_path": empty},
+        {"system": "s", "split": "x", "run_path": tmp_path / "nope.parquet", "qrels_path": qp},
+        {"system": "s", "split": "dev", "run_path": rp, "qrels_path": qp},
+    ])
+    assert list(curves) == ["dev"]

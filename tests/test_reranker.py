@@ -29,6 +29,7 @@ from simlm_core.io import (
 from simlm_core.modeling.reranker import CrossEncoder, format_passage
 from simlm_core.rerank import merge_score_shards, rerank_run, score_teacher, teacher_pairs
 from simlm_core.reranker_training import (
+    EpochCallback,
     GroupCollator,
     RerankerGroupDataset,
     RerankerTrainArgs,
@@ -125,6 +126,13 @@ def test_group_dataset_and_collator(data, tiny_model):
     assert [ds.sample_group(i, 0) for i in range(len(ds))] != [ds3.sample_group(i, 0) for i in range(len(ds))]
     ds.set_epoch(1)
     assert ds[0]["pids"] == ds.sample_group(0, 1)[1]
+    # the Trainer callback sets the epoch from state.epoch (exact at epoch starts, fractional on resume)
+    from transformers import TrainerControl, TrainerState
+
+    callback = EpochCallback(ds)
+    for state_epoch, expected in [(None, 0), (0.0, 0), (2.0, 2), (1.5, 1), (2.9999999, 2)]:
+        callback.on_epoch_begin(None, TrainerState(epoch=state_epoch), TrainerControl())
+        assert ds.epoch == expected
 
     # a group larger than the negatives list is filled from the corpus and counted
     big = RerankerGroupDataset(data["negatives"], data["queries"], data["corpus"], group_size=8, seed=7)
@@ -154,7 +162,7 @@ def test_group_loss_and_rdrop(data, tmp_path):
     no_drop.model.train()
     out = group_loss(no_drop.model, batch, rdrop_alpha=1.0)
     assert out["scores"].shape == (4, 8)
-    assert abs(float(out["rdrop"])) < 1e-6  # dropout off: both passes agree
+    assert abs(out["rdrop"].item()) < 1e-6  # dropout off: both passes agree
     torch.testing.assert_close(out["loss"], out["ce"])
     expected = torch.nn.functional.cross_entropy(out["scores"], torch.zeros(4, dtype=torch.long))
     torch.testing.assert_close(out["ce"], expected, atol=1e-5, rtol=1e-5)
@@ -162,13 +170,13 @@ def test_group_loss_and_rdrop(data, tmp_path):
     drop.model.train()
     torch.manual_seed(0)
     out = group_loss(drop.model, batch, rdrop_alpha=2.0)
-    assert float(out["rdrop"]) > 0
+    assert out["rdrop"].item() > 0
     torch.testing.assert_close(out["loss"], out["ce"] + 2.0 * out["rdrop"])
     out.pop("scores")
     out["loss"].backward()
     # alpha 0: a single plain pass
     out0 = group_loss(drop.model, batch, rdrop_alpha=0.0)
-    assert float(out0["rdrop"]) == 0.0
+    assert out0["rdrop"].item() == 0.0
     # forward_factor: train on the positive + top negatives only
     out_ff = group_loss(no_drop.model, batch, rdrop_alpha=1.0, forward_factor=4)
     assert out_ff["scores"].shape == (4, 2)
@@ -273,23 +281,39 @@ def _train_args(data, model, out: Path, **overrides) -> dict:
     return args
 
 
-@pytest.mark.slow
-def test_training_loss_decreases_minilm(data, tmp_path):
-    args = RerankerTrainArgs(**_train_args(data, minilm_dir(), tmp_path, max_steps=24, learning_rate=5e-5,
-                                           rdrop_alpha=1.0))
+@pytest.fixture(scope="module")
+def easy_data(tmp_path_factory) -> dict[str, Path]:
+    """An easy task: each query's positive says "yes", its negatives say "no"."""
+    root = tmp_path_factory.mktemp("easy")
+    corpus = [(f"pos-{t}", "", f"yes {t} yes") for t in TOPICS]
+    corpus += [(f"neg-{t}-{j}", "", f"no {t} no") for t in TOPICS for j in range(3)]
+    write_table(pd.DataFrame(corpus, columns=["pid", "title", "text"]), root / "corpus.parquet", CORPUS_SCHEMA)
+    write_table(pd.DataFrame([(f"q-{t}", t) for t in TOPICS], columns=["qid", "text"]), root / "queries.parquet",
+                QUERIES_SCHEMA)
+    negs = [(f"q-{t}", [f"pos-{t}"], [f"neg-{o}-{j}" for o in TOPICS if o != t for j in range(3)][:9])
+            for t in TOPICS]
+    write_table(pd.DataFrame(negs, columns=["qid", "positives", "negatives"]), root / "negatives.parquet",
+                NEGATIVES_SCHEMA)
+    return {"corpus": root / "corpus.parquet", "queries": root / "queries.parquet",
+            "negatives": root / "negatives.parquet"}
+
+
+def test_training_loss_decreases(easy_data, tmp_path):
+    model = make_tiny_model(tmp_path / "init", hidden=64)
+    args = RerankerTrainArgs(**_train_args(easy_data, model, tmp_path, max_steps=12, learning_rate=5e-3,
+                                           max_len=16, rdrop_alpha=1.0))
     result = train_reranker(args)
-    assert result["global_step"] == 24 and result["train_queries"] == len(TOPICS)
+    assert result["global_step"] == 12 and result["train_queries"] == len(TOPICS)
     out = Path(args.output_dir)
     log = json.loads((out / "training_log.json").read_text())
+    assert log["resumed_from"] is None
     losses = [e["loss"] for e in log["log_history"] if "loss" in e]
-    assert len(losses) == 24
-    assert np.mean(losses[-6:]) < 0.6 * np.mean(losses[:6]), losses
-    assert any("rdrop_loss" in e for e in log["log_history"])
+    assert len(losses) == 12
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
+    assert all("rdrop_loss" in e and "ce_loss" in e for e in log["log_history"] if "loss" in e)
     assert json.loads((out / "reranker_args.json").read_text())["args"]["train_group_size"] == 4
-    trained = CrossEncoder.from_pretrained(out)
-    scores = trained.score_pairs(["tell me about the chess"] * 2, ["Chess: facts about the chess.",
-                                                                   "Pizza: facts about the pizza."],
-                                 device="cpu", show_progress=False)
+    scores = CrossEncoder.from_pretrained(out).score_pairs(["chess", "chess"], ["yes pizza yes", "no chess no"],
+                                                           device="cpu", show_progress=False)
     assert scores[0] > scores[1]
 
 

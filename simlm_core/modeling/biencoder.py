@@ -16,16 +16,18 @@ With ``gather_across_ranks`` and an initialised process group, every rank all-ga
 and passage embeddings of all ranks; its own slice is replaced by the local tensor so gradients
 flow into the local encoder pass (:func:`gather_with_local_grad`). Each rank then computes the
 contrastive cross-entropy of ALL ``W*B`` queries against ALL ``W*B*G`` passages (the global
-batch's in-batch negatives) and multiplies it by the world size ``W`` -- the authors'
-``use_scaled_loss`` (their default, used by the released scripts). Why this gives exactly the
-single-process gradient of the global batch: rank ``r``'s loss ``W * L(all)`` back-propagates
-only through rank ``r``'s embeddings, so its gradient is ``W * sum_{e on r} dL/de de/dtheta``;
-DDP averages over ranks, ``(1/W) sum_r``, which leaves ``sum_r sum_{e on r} dL/de de/dtheta =
-dL/dtheta``. (Computing only the local queries' rows instead would drop the gradient that other
-ranks' queries send into this rank's passages.) The KD term of distillation depends only on a
-rank's own queries and groups, so it is the local batch mean without scaling; DDP's average of
-it is the global mean. ``tests/test_biencoder.py`` checks both against a single process by
-simulating the ranks with :func:`biencoder_loss`.
+batch's in-batch negatives), as the authors' ``use_scaled_loss`` does (their default, used by
+the released scripts). Gradient scaling: rank ``r``'s loss ``L(all)`` back-propagates only
+through rank ``r``'s embeddings, giving ``sum_{e on r} dL/de de/dtheta``; DDP AVERAGES over
+ranks, so the sum over ranks -- the full single-process gradient ``dL/dtheta`` -- is divided by
+``W``. The authors multiply the loss by ``W`` to undo that; we multiply only the gradient
+flowing into the local slices by ``W`` (:func:`scale_grad`), which is the same gradient while
+the logged loss stays the true global loss. (Computing only the local queries' rows instead
+would drop the gradient that other ranks' queries send into this rank's passages.) The KD term
+of distillation depends only on a rank's own queries and groups, so it is computed from the
+local tensors without scaling; DDP's average of the per-rank means is the global mean.
+``tests/test_biencoder.py`` checks both against a single process by simulating the ranks with
+:func:`biencoder_loss`.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ __all__ = [
     "all_gather",
     "all_gather_with_grad",
     "biencoder_loss",
+    "scale_grad",
     "load_biencoder_config",
 ]
 
@@ -155,6 +158,24 @@ def _distributed_world() -> int:
     return 1
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged, its gradient multiplied by ``factor``."""
+    return x if factor == 1 else _ScaleGrad.apply(x, factor)
+
+
 def biencoder_loss(
     q: torch.Tensor,
     p: torch.Tensor,
@@ -168,11 +189,13 @@ def biencoder_loss(
     world_p: Sequence[torch.Tensor] | None = None,
     rank: int = 0,
 ) -> BiEncoderOutput:
-    """One rank's training loss (see the module docstring for the DDP scaling).
+    """One rank's training loss (see the module docstring for the DDP gradient scaling).
 
     ``q`` ``[B, D]``, ``p`` ``[B*G, D]`` are this rank's embeddings. ``world_q`` / ``world_p``:
-    every rank's embeddings as all-gathered (None: single process). Scores are computed in fp32
-    outside autocast: with t = 0.02 a bf16 cosine's rounding error would be ~0.2 in the logits.
+    every rank's embeddings as all-gathered (None: single process). The loss VALUE is the
+    global batch's loss (``kd`` averaged over this rank's queries), so logs read the same for
+    any number of ranks. Scores are computed in fp32 outside autocast: with t = 0.02 a bf16
+    cosine's rounding error would be ~0.2 in the logits.
     """
     b = q.shape[0]
     if b == 0 or p.shape[0] % b:
@@ -182,23 +205,27 @@ def biencoder_loss(
         all_q, all_p, world, rank = q, p, 1, 0
     else:
         assert world_p is not None and len(world_q) == len(world_p)
-        all_q = gather_with_local_grad(q, world_q, rank)
-        all_p = gather_with_local_grad(p, world_p, rank)
         world = len(world_q)
+        # Gradient x W through this rank's slice: DDP's average over ranks then yields the
+        # single-process gradient of the global contrastive loss.
+        all_q = gather_with_local_grad(scale_grad(q, world), world_q, rank)
+        all_p = gather_with_local_grad(scale_grad(p, world), world_p, rank)
     with torch.autocast(device_type=q.device.type, enabled=False):
         scores, labels = contrastive_scores(all_q.float(), all_p.float(), temperature, full_contrastive)
         ce = F.cross_entropy(scores, labels)
-        local = scores[rank * b : (rank + 1) * b]
         kd = None
         if teacher_scores is not None:
-            student = group_scores(local, g, start=rank * b * g)
+            # Each query's own group only involves this rank's tensors: no gradient scaling.
+            local_scores = (q.float() @ p.float().t()) / temperature
+            student = group_scores(local_scores, g)
             kd = kd_loss(student, teacher_scores.to(student.device), teacher_temperature)
-            loss = kd + contrastive_weight * world * ce
+            loss = kd + contrastive_weight * ce
         else:
-            loss = world * ce
+            loss = ce
+        local = scores[rank * b : (rank + 1) * b, : world * b * g]
     return BiEncoderOutput(
         loss=loss,
-        scores=local[:, : world * b * g],
+        scores=local.detach(),
         q_reps=q,
         p_reps=p,
         contrastive_loss=ce.detach(),

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Start a one-node SLURM cluster on this machine for the SLURM tests (tests/test_slurm.py):
 # munged, MariaDB, slurmdbd (so `sacct` works), slurmctld and slurmd, all as root, all state,
-# logs, sockets and config under one folder. Nothing in /etc is written; the system's munged or
-# MariaDB, if any, are left alone (private sockets, ports from SIMLM_SLURM_PORT_BASE).
+# logs, sockets and config under one folder. The system's munged or MariaDB, if any, are left
+# alone (private sockets, ports from SIMLM_SLURM_PORT_BASE). The one thing written outside the
+# folder is the symlink /etc/slurm/slurm.conf -> <folder>/slurm.conf: the executor's job step
+# (snakemake-executor-plugin-slurm-jobstep 0.6) drops SLURM_CONF from the environment of the
+# `srun` it runs inside each job, so that srun only finds the config at the compiled-in path.
+# A machine that already has its own /etc/slurm/slurm.conf is refused (exit 77), never altered.
 #
 #   sudo tests/slurm/start_cluster.sh          # idempotent: does nothing if already up
 #   source "${SIMLM_SLURM_DIR:-/tmp/simlm-slurm}/env.sh"   # exports SLURM_CONF for sinfo/sbatch/...
@@ -92,6 +96,11 @@ fi
 if [ -e "$STATE" ]; then
     [ -f "$STATE/.simlm-slurm" ] || die "$STATE exists and was not made by this script; set SIMLM_SLURM_DIR"
 fi
+SYSTEM_CONF=/etc/slurm/slurm.conf
+if [ -e "$SYSTEM_CONF" ] || [ -L "$SYSTEM_CONF" ]; then
+    [ "$(readlink "$SYSTEM_CONF" 2>/dev/null)" = "$STATE/slurm.conf" ] \
+        || cannot "$SYSTEM_CONF exists and is not this test cluster's: this machine has its own SLURM"
+fi
 
 mkdir -p "$STATE"/{munge,ctld,slurmd,run,log,mysql}
 chmod 755 "$STATE" "$STATE/munge"   # munged wants its socket reachable by all
@@ -125,6 +134,8 @@ render "$HERE/gres.conf.in" "$STATE/gres.conf"
 render "$HERE/slurmdbd.conf.in" "$STATE/slurmdbd.conf"
 chmod 600 "$STATE/slurmdbd.conf"       # slurmdbd refuses a config others can read
 printf 'export SLURM_CONF=%q\n' "$STATE/slurm.conf" > "$STATE/env.sh"
+mkdir -p "$(dirname "$SYSTEM_CONF")"
+ln -sfn "$STATE/slurm.conf" "$SYSTEM_CONF"
 
 # ---------------------------------------------------------------------------------------------
 # 4. munge: a private key and socket.

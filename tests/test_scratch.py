@@ -1,0 +1,90 @@
+"""Offline starting models: WordPiece training on the corpus and a seeded scratch BERT."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from simlm_core.io import CORPUS_SCHEMA, write_table
+from simlm_core.modeling.scratch import build_scratch_bert, train_wordpiece_tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    words = ["photosynthesis", "chlorophyll", "sunlight", "plants", "energy", "glucose", "Leaves",
+             "water", "carbon", "dioxide", "oxygen", "réaction", "the", "of", "and", "in"]
+    rows = [{"pid": str(i), "title": "Biology" if i % 3 else None,
+             "text": " ".join(words[(i + j) % len(words)] for j in range(20))} for i in range(200)]
+    path = tmp_path_factory.mktemp("scratch") / "corpus.parquet"
+    write_table(pd.DataFrame(rows), path, CORPUS_SCHEMA)
+    return path
+
+
+def test_wordpiece_tokenizer_round_trip(corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = train_wordpiece_tokenizer(corpus, tmp_path / "tok", vocab_size=120)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) <= 120
+    assert tok.pad_token_id == 0 and tok.mask_token_id is not None
+    assert {tok.cls_token, tok.sep_token, tok.unk_token} == {"[CLS]", "[SEP]", "[UNK]"}
+    enc = tok("Biology", "Photosynthesis needs sunlight")
+    pieces = tok.convert_ids_to_tokens(enc["input_ids"])
+    assert pieces[0] == "[CLS]" and pieces.count("[SEP]") == 2
+    assert enc["token_type_ids"][-1] == 1
+    assert all(p == p.lower() for p in pieces if not p.startswith("["))  # uncased
+    assert "[UNK]" not in pieces
+    # a word outside the vocabulary splits into ## pieces (what whole-word masking relies on)
+    assert any(p.startswith("##") for p in tok.convert_ids_to_tokens(tok("photosynthesisleaves")["input_ids"]))
+    assert tok.decode(tok("plants and water")["input_ids"], skip_special_tokens=True) == "plants and water"
+
+
+def test_scratch_bert_loads_with_auto_classes_and_is_seeded(corpus, tmp_path):
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    tok_dir = train_wordpiece_tokenizer(corpus, tmp_path / "tok", vocab_size=120)
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+              max_position_embeddings=64)
+    a = build_scratch_bert(tok_dir, tmp_path / "a", seed=3, **kw)
+    b = build_scratch_bert(tok_dir, tmp_path / "b", seed=3, **kw)
+    c = build_scratch_bert(tok_dir, tmp_path / "c", seed=4, **kw)
+    tok = AutoTokenizer.from_pretrained(str(a))
+    mlm = AutoModelForMaskedLM.from_pretrained(str(a))
+    enc = AutoModel.from_pretrained(str(a))
+    assert type(mlm).__name__ == "BertForMaskedLM" and type(enc).__name__ == "BertModel"
+    assert mlm.config.vocab_size == len(tok) and mlm.config.pad_token_id == tok.pad_token_id
+    assert mlm.config.hidden_size == 32 and mlm.config.num_hidden_layers == 2
+    for k, v in enc.state_dict().items():
+        if not k.startswith("pooler."):
+            assert torch.equal(v, mlm.bert.state_dict()[k]), k
+    sd_a = AutoModelForMaskedLM.from_pretrained(str(a)).state_dict()
+    sd_b = AutoModelForMaskedLM.from_pretrained(str(b)).state_dict()
+    sd_c = AutoModelForMaskedLM.from_pretrained(str(c)).state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert not all(torch.equal(sd_a[k], sd_c[k]) for k in sd_a)
+    with torch.no_grad():
+        out = mlm(**tok(["plants need water"], return_tensors="pt"))
+    assert out.logits.shape[-1] == len(tok)
+
+
+def test_init_model_driver(corpus, tmp_path, capsys):
+    from transformers import AutoModel
+
+    from simlm_core.drivers.init_model import main
+
+    args = {"corpus_path": str(corpus), "out_dir": str(tmp_path / "init"), "tokenizer": "train", "vocab_size": 100,
+            "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 32,
+            "max_position_embeddings": 64, "seed": 0}
+    main(["--args-json", json.dumps(args)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out_dir"] == str(tmp_path / "init")
+    assert AutoModel.from_pretrained(str(tmp_path / "init")).config.hidden_size == 16
+    # an existing tokenizer instead of a trained one
+    args2 = {**args, "tokenizer": str(tmp_path / "init"), "out_dir": str(tmp_path / "init2"), "corpus_path": None}
+    main(["--args-json", json.dumps(args2)])
+    assert json.loads((tmp_path / "init2" / "config.json").read_text())["vocab_size"] == \
+        json.loads((tmp_path / "init" / "config.json").read_text())["vocab_size"]
+    with pytest.raises(ValueError, match="unknown key"):
+        main(["--args-json", json.dumps({**args, "bogus": 1})])

@@ -1,0 +1,137 @@
+"""Retriever training end to end on the tiny dataset: learning, saving, distillation, resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from simlm_core.biencoder_training import STEP_DELAY_ENV, BiencoderTrainArgs, build_trainer, train_biencoder
+from simlm_core.modeling.biencoder import BiEncoder
+from simlm_core.training import last_checkpoint
+
+
+def _args(ds, bert, tmp_path, **over) -> dict:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        work_dir=str(tmp_path / "work"),
+        model_name_or_path=str(bert),
+        corpus_path=str(ds.corpus_path),
+        queries_path=str(ds.queries_path),
+        negatives_path=str(ds.negatives_path),
+        train_group_size=4,
+        q_max_len=16,
+        p_max_len=32,
+        temperature=0.05,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        num_train_epochs=10,
+        per_device_train_batch_size=4,
+        logging_steps=5,
+        save_steps=1000,
+        disable_tqdm=True,
+    )
+    values.update(over)
+    return values
+
+
+def _losses(out_dir: Path, key: str = "loss") -> list[float]:
+    log = json.loads((out_dir / "training_log.json").read_text())
+    return [h[key] for h in log["log_history"] if key in h and "train_runtime" not in h]
+
+
+def test_training_reduces_loss_and_saves_loadable_model(tiny_dataset, tiny_bert_dir, tmp_path):
+    result = train_biencoder(BiencoderTrainArgs(**_args(tiny_dataset, tiny_bert_dir, tmp_path)))
+    out = tmp_path / "out"
+    assert result["mode"] == "contrastive" and result["global_step"] == 50
+    losses = _losses(out)
+    assert len(losses) == 10
+    assert losses[-1] < 0.85 * losses[0], losses
+    for name in ("model.safetensors", "config.json", "biencoder_config.json", "train_args.json", "tokenizer.json"):
+        assert (out / name).exists(), name
+    model = BiEncoder.from_pretrained(out).eval()
+    assert model.temperature == 0.05 and model.pooling == "cls"
+    AutoModel.from_pretrained(out)  # a plain HF model too
+    # the trained model ranks each query's positive first among a few passages more often than not
+    tok = model.tokenizer
+    with torch.no_grad():
+        q = model.encode(**tok(["apple banana", "river lake", "guitar piano"], padding=True, return_tensors="pt"))
+        p = model.encode(**tok(["apple banana", "river lake", "guitar piano"], ["", "", ""],
+                               padding=True, return_tensors="pt"))
+    assert (q @ p.T).argmax(dim=1).tolist() == [0, 1, 2]
+
+
+def test_distillation_default_group_and_kd_logged(tiny_dataset, tiny_bert_dir, tmp_path):
+    values = _args(tiny_dataset, tiny_bert_dir, tmp_path, teacher_scores_path=str(tiny_dataset.teacher_scores_path),
+                   train_group_size=None, max_steps=4, logging_steps=2, p_max_len=16)
+    result = train_biencoder(BiencoderTrainArgs(**values))
+    assert result["mode"] == "distill" and result["group_size"] == 24
+    # 12 scored negatives per query, 23 needed: repeated, counted
+    assert result["data"]["queries_short_of_negatives"] == tiny_dataset.num_queries
+    assert result["data"]["fill_passages_per_epoch"] == 11 * tiny_dataset.num_queries
+    kd = _losses(tmp_path / "out", "kd_loss")
+    assert len(kd) == 2 and all(k >= 0 for k in kd)
+    assert len(_losses(tmp_path / "out", "contrastive_loss")) == 2
+
+
+def test_epochs_reach_the_dataset(tiny_dataset, tiny_bert_dir, tmp_path):
+    trainer, _, dataset = build_trainer(
+        BiencoderTrainArgs(**_args(tiny_dataset, tiny_bert_dir, tmp_path, num_train_epochs=3, learning_rate=1e-5))
+    )
+    seen = []
+    orig_rows = dataset.group_rows  # __getitem__ calls self.group_rows: record the epoch it sees
+
+    def spy(idx):
+        seen.append(dataset.epoch)
+        return orig_rows(idx)
+
+    dataset.group_rows = spy
+    trainer.train()
+    assert sorted(set(seen)) == [0, 1, 2]
+    assert seen == sorted(seen)
+
+
+def test_kill_and_resume_from_checkpoint(tiny_dataset, tiny_bert_dir, tmp_path):
+    values = _args(tiny_dataset, tiny_bert_dir, tmp_path, max_steps=6, save_steps=2, logging_steps=1,
+                   save_total_limit=5)
+    env = dict(os.environ, **{STEP_DELAY_ENV: "0.4", "HF_HUB_OFFLINE": "1"})
+    cmd = [sys.executable, "-m", "simlm_core.drivers.train_biencoder", "--args-json", json.dumps(values)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    try:
+        while last_checkpoint(values["work_dir"]) is None:
+            if proc.poll() is not None:
+                pytest.fail(f"training ended before the kill (rc {proc.returncode}): {proc.stderr.read()[-2000:]}")
+            if time.time() > deadline:
+                pytest.fail("no checkpoint appeared within 120 s")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not Path(values["output_dir"]).exists()  # nothing half-written where the output goes
+    killed_at = int(Path(last_checkpoint(values["work_dir"])).name.split("-")[1])
+    assert killed_at < 6
+
+    result = train_biencoder(BiencoderTrainArgs(**values))
+    log = json.loads((Path(values["output_dir"]) / "training_log.json").read_text())
+    assert log["resumed_from"] is not None and Path(log["resumed_from"]).name.startswith("checkpoint-")
+    assert int(Path(log["resumed_from"]).name.split("-")[1]) >= killed_at
+    assert log["global_step"] == 6 and result["global_step"] == 6
+    steps_logged = [h["step"] for h in log["log_history"] if "loss" in h]
+    assert steps_logged[-1] == 6
+
+
+def test_driver_rejects_unknown_keys():
+    from simlm_core.drivers.train_biencoder import main
+
+    with pytest.raises(ValueError, match="bogus"):
+        main(["--args-json", json.dumps({"bogus": 1})])
