@@ -2,7 +2,9 @@
 
 Corpus shard ``i`` of ``n`` is the contiguous row range ``[i*N//n, (i+1)*N//n)`` of the corpus
 Parquet. It is read row group by row group (groups outside the range are never decoded) and
-encoded chunk by chunk: only one chunk's text (``chunk_rows`` passages) is held at a time.
+encoded chunk by chunk: only one chunk's text (``chunk_rows`` passages) is held at a time; a
+helper thread tokenises the next chunk while the device encodes the current one (so at most two
+chunks of token ids exist).
 Within a chunk passages are sorted by token length (longest first) so each batch pads to
 nearly its own length; embeddings are written back in corpus order. Embeddings are fp16 in a
 memory-mapped ``.npy`` written at a temp path and renamed when complete; ids go to a Parquet
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -84,29 +87,28 @@ def _use_bf16(device: torch.device, bf16: bool) -> bool:
     return bool(bf16) and device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def encode_texts(
+class _Tokenized:
+    """Token ids of a list of texts (no padding) with their lengths."""
+
+    __slots__ = ("ids", "type_ids", "lengths")
+
+    def __init__(self, ids: list[list[int]], type_ids: list[list[int]] | None) -> None:
+        self.ids = ids
+        self.type_ids = type_ids
+        self.lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _tokenize(
     model: BiEncoder,
     tokenizer: Any,
     texts: Sequence[str] | Sequence[tuple[str | None, str]],
-    *,
     max_len: int,
-    batch_size: int = 256,
-    bf16: bool = True,
-    passage_format: str | None = None,
-    out_dtype: torch.dtype = torch.float16,
-    progress: Any = None,
-) -> torch.Tensor:
-    """Encode queries (``str`` items) or passages (``(title, text)`` items) -> ``[N, D]``.
-
-    The result stays on the model's device, in input order. Items are tokenised once, sorted by
-    length (longest first) and batched; ``progress`` (a tqdm) is advanced per batch.
-    """
-    device = next(model.parameters()).device
-    n = len(texts)
-    out = torch.empty((n, model.hidden_size), dtype=out_dtype, device=device)
-    if n == 0:
-        return out
-    if isinstance(texts[0], tuple):
+    passage_format: str | None,
+) -> _Tokenized:
+    if len(texts) and isinstance(texts[0], tuple):
         enc = tokenize_passages(
             tokenizer,
             [t for t, _ in texts],
@@ -116,11 +118,25 @@ def encode_texts(
         )
     else:
         enc = tokenize_queries(tokenizer, texts, max_len)
-    ids_list = enc["input_ids"]
-    tt_list = enc.get("token_type_ids")
-    lengths = np.fromiter((len(x) for x in ids_list), dtype=np.int64, count=n)
-    order = np.argsort(-lengths, kind="stable")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return _Tokenized(enc["input_ids"], enc.get("token_type_ids"))
+
+
+def _encode_tokenized(
+    model: BiEncoder,
+    tokenized: _Tokenized,
+    pad_id: int,
+    batch_size: int,
+    bf16: bool,
+    out_dtype: torch.dtype,
+    progress: Any,
+) -> torch.Tensor:
+    device = next(model.parameters()).device
+    n = len(tokenized)
+    out = torch.empty((n, model.hidden_size), dtype=out_dtype, device=device)
+    if n == 0:
+        return out
+    lengths = tokenized.lengths
+    order = np.argsort(-lengths, kind="stable")  # longest first: a too-large batch fails at once
     cuda = device.type == "cuda"
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if _use_bf16(device, bf16) else contextlib.nullcontext()
@@ -138,18 +154,43 @@ def encode_texts(
             width = int(lengths[idx[0]])
             ids = np.full((len(idx), width), pad_id, dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
-            tts = np.zeros((len(idx), width), dtype=np.int64) if tt_list is not None else None
+            tts = np.zeros((len(idx), width), dtype=np.int64) if tokenized.type_ids is not None else None
             for r, j in enumerate(idx):
                 k = int(lengths[j])
-                ids[r, :k] = ids_list[j]
+                ids[r, :k] = tokenized.ids[j]
                 mask[r, :k] = 1
                 if tts is not None:
-                    tts[r, :k] = tt_list[j]
+                    tts[r, :k] = tokenized.type_ids[j]
             emb = model.encode(to_device(ids), to_device(mask), None if tts is None else to_device(tts))
             out[to_device(idx)] = emb.to(out_dtype)
             if progress is not None:
                 progress.update(len(idx))
     return out
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def encode_texts(
+    model: BiEncoder,
+    tokenizer: Any,
+    texts: Sequence[str] | Sequence[tuple[str | None, str]],
+    *,
+    max_len: int,
+    batch_size: int = 256,
+    bf16: bool = True,
+    passage_format: str | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    progress: Any = None,
+) -> torch.Tensor:
+    """Encode queries (``str`` items) or passages (``(title, text)`` items) -> ``[N, D]``.
+
+    The result stays on the model's device, in input order. Items are tokenised once, sorted by
+    length (longest first) and batched; ``progress`` (a tqdm) is advanced per batch.
+    """
+    tokenized = _tokenize(model, tokenizer, texts, max_len, passage_format)
+    return _encode_tokenized(model, tokenized, _pad_id(tokenizer), batch_size, bf16, out_dtype, progress)
 
 
 def encode_queries(
@@ -259,16 +300,27 @@ def encode_corpus_shard(
         else:
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
             batches = _iter_shard_batches(pf, start, end, batch_rows=min(chunk_rows, 65_536))
-            for chunk in _iter_chunks(batches, chunk_rows):
+
+            def prepare(chunk: pa.Table) -> tuple[pa.Array, _Tokenized]:
+                # Runs in a helper thread (the Rust tokenizer releases the GIL), so chunk k+1 is
+                # tokenised while the device encodes chunk k; the text is dropped once tokenised.
                 items = list(zip(chunk.column("title").to_pylist(), chunk.column("text").to_pylist()))
-                emb = encode_texts(
-                    model, model.tokenizer, items, max_len=max_len, batch_size=batch_size, bf16=bf16,
-                    out_dtype=torch.float16, progress=bar,
-                )
-                mm[written : written + len(items)] = emb.cpu().numpy()
-                ids_writer.write({"pid": chunk.column("pid")})
-                written += len(items)
-                del items, emb
+                return chunk.column("pid"), _tokenize(model, model.tokenizer, items, max_len, passage_format)
+
+            pad_id = _pad_id(model.tokenizer)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                chunks = _iter_chunks(batches, chunk_rows)
+                first = next(chunks, None)
+                pending = pool.submit(prepare, first) if first is not None else None
+                while pending is not None:
+                    pids, tokenized = pending.result()
+                    nxt = next(chunks, None)
+                    pending = pool.submit(prepare, nxt) if nxt is not None else None
+                    emb = _encode_tokenized(model, tokenized, pad_id, batch_size, bf16, torch.float16, bar)
+                    mm[written : written + len(tokenized)] = emb.cpu().numpy()
+                    ids_writer.write({"pid": pids})
+                    written += len(tokenized)
+                    del tokenized, emb
             mm.flush()
             del mm
         if written != n:

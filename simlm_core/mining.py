@@ -5,12 +5,14 @@ retrieved passages minus every labelled positive. The same code serves round 1 (
 later rounds (a dense retriever's run).
 
 Positions and the window
-    A query's run rows are ordered by ``rank`` (ties keep their input order; a pid retrieved twice
-    keeps its best-ranked row only) and numbered 0, 1, 2, ... : *position* ``p`` is the
+    A query's run rows are ordered by ``rank`` (ties keep their input order) and numbered
+    0, 1, 2, ... : *position* ``p`` is the
     ``(p+1)``-th retrieved passage, i.e. rank 1 is position 0 in a 1-based run. Only positions
     ``< top_k`` are considered, and only positions in ``[window_start, window_end)`` become
     negatives. Positions are counted BEFORE positives are removed, so ``window_start=30`` always
     skips the retriever's first 30 hits (positives among them included), whatever the labels.
+    A pid listed twice for one query (a faulty run) counts once, at its best position; the later
+    copy still occupies its own position.
 
 Which passages are excluded
     ``positives`` are the pids judged ``relevance >= min_relevance``. Excluded from the negatives
@@ -89,11 +91,19 @@ def _codes(values: pa.Array, value_set: pa.Array) -> np.ndarray:
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """Stateless 64-bit mixing (SplitMix64 finaliser), vectorised; overflow wraps by design."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    z = x.astype(np.uint64, copy=True)
+    z += np.uint64(0x9E3779B97F4A7C15)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def _bits(n: int) -> int:
+    """Bits needed to store 0..n-1 (at least 1)."""
+    return max(1, int(max(n, 1) - 1).bit_length())
 
 
 def _string_fingerprints(arr: pa.Array, chunk_rows: int = 1 << 20) -> np.ndarray:
@@ -123,7 +133,7 @@ def _string_fingerprints(arr: pa.Array, chunk_rows: int = 1 << 20) -> np.ndarray
         seg[: hi - lo] = data[lo:hi]
         windows = np.lib.stride_tricks.as_strided(seg, shape=(hi - lo + 1, 8), strides=(1, 1))
         start, length = offsets[a:b] - lo, lengths[a:b]
-        h = _splitmix64(length.astype(np.uint64))
+        h = length.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         active = np.arange(b - a)
         j = 0
         while len(active):
@@ -142,14 +152,38 @@ def _duplicate_pairs(group: np.ndarray, fingerprint: np.ndarray) -> np.ndarray:
     dup = np.zeros(n, bool)
     if n < 2:
         return dup
-    key = _splitmix64(fingerprint ^ _splitmix64(group.astype(np.uint64)))
+    key = fingerprint ^ _splitmix64(group)
     sorted_key = np.sort(key)
-    if not (sorted_key[1:] == sorted_key[:-1]).any():  # the usual case: no repeats
+    repeated = sorted_key[1:][sorted_key[1:] == sorted_key[:-1]]
+    if len(repeated) == 0:  # the usual case: no repeats
         return dup
-    order = np.argsort(key, kind="stable")  # equal keys stay in row (= rank) order
+    repeated = np.unique(repeated)
+    at = np.minimum(np.searchsorted(repeated, key), len(repeated) - 1)
+    rows = np.flatnonzero(repeated[at] == key)  # the (few) rows sharing a key with another row
+    order = rows[np.argsort(key[rows], kind="stable")]  # equal keys stay in row (= rank) order
     sk = key[order]
     dup[order[1:][sk[1:] == sk[:-1]]] = True
     return dup
+
+
+def _order_by(group: np.ndarray, rank: np.ndarray | None, num_groups: int) -> np.ndarray:
+    """Stable permutation sorting rows by (group, rank): one packed-integer sort when it fits."""
+    n = len(group)
+    ibits, gbits = _bits(n), _bits(num_groups)
+    if rank is not None:
+        rmin = int(rank.min())
+        rbits = _bits(int(rank.max()) - rmin + 1)
+    else:
+        rbits = 0
+    if ibits + gbits + rbits > 64:
+        return np.lexsort((rank, group)) if rank is not None else np.argsort(group, kind="stable")
+    key = group.astype(np.uint64) << np.uint64(rbits + ibits)
+    if rank is not None:
+        key |= (rank - rmin).astype(np.uint64) << np.uint64(ibits)
+    key |= np.arange(n, dtype=np.uint64)  # the row number breaks ties: stable
+    key.sort()  # SIMD sort of plain integers, far faster than argsort/lexsort
+    key &= np.uint64((1 << ibits) - 1)
+    return key.astype(np.int64)
 
 
 def _within_group_index(sorted_codes: np.ndarray) -> np.ndarray:
@@ -254,12 +288,8 @@ def mine_negatives(
         ascending = bool(np.all(np.diff(rank)[~starts[1:]] >= 0))
         grouped = int(starts.sum()) == int((np.bincount(qcode, minlength=n_targets) > 0).sum())
         if not (ascending and grouped and np.all(qcode[1:] >= qcode[:-1])):
-            if ascending and grouped:  # one block per query, in some other query order
-                order_kind = "grouped"
-                order = np.argsort(qcode, kind="stable")  # timsort: merges the blocks cheaply
-            else:
-                order_kind = "unsorted"
-                order = np.lexsort((rank, qcode))  # stable: rank ties keep their input order
+            order_kind = "grouped" if (ascending and grouped) else "unsorted"
+            order = _order_by(qcode, None if order_kind == "grouped" else rank, n_targets)
             rows, qcode = rows[order], qcode[order]
             del order
         del starts
@@ -305,14 +335,24 @@ def mine_negatives(
         qhash = pd.util.hash_array(np.asarray(targets.to_pylist(), dtype=object),
                                    hash_key=f"{seed & 0xFFFFFFFFFFFFFFFF:016x}")
         key = _splitmix64(qhash[kq] ^ _splitmix64(kpos.astype(np.uint64) + np.uint64(seed & 0xFFFFFFFF)))
-        # one sort key: query code in the high bits, the random key in the low bits
-        qbits = max(1, int(n_targets - 1).bit_length())
-        combined = (kq.astype(np.uint64) << np.uint64(64 - qbits)) | (key >> np.uint64(qbits))
-        order = np.argsort(combined, kind="stable")
-        chosen = np.zeros(len(kq), bool)
-        chosen[order[_within_group_index(kq[order]) < num_negatives]] = True
-        keep[keep_idx[~chosen]] = False
-        del keep_idx, kq, kpos, key, combined, order, chosen
+        # One packed sort: query code (high bits) | random key | position (low bits); positions are
+        # unique within a query, so (query, position) finds the row again after sorting.
+        qbits, pbits = _bits(n_targets), _bits(stop)
+        rbits = 64 - qbits - pbits
+        if rbits < 16:
+            raise ValueError(f"too many queries ({n_targets}) x top_k ({stop}) to sample in 64-bit keys")
+        combined = kq.astype(np.uint64) << np.uint64(64 - qbits)
+        combined |= (key >> np.uint64(64 - rbits)) << np.uint64(pbits)
+        combined |= kpos.astype(np.uint64)
+        combined.sort()
+        sq = (combined >> np.uint64(64 - qbits)).astype(np.int64)
+        chosen_pos = (combined & np.uint64((1 << pbits) - 1)).astype(np.int64)
+        take = _within_group_index(sq) < num_negatives
+        chosen = np.sort((sq[take] << np.int64(pbits)) | chosen_pos[take])
+        kept_key = (kq << np.int64(pbits)) | kpos  # ascending: rows are in (query, position) order
+        keep[keep_idx] = False
+        keep[keep_idx[np.searchsorted(kept_key, chosen)]] = True
+        del keep_idx, kq, kpos, key, combined, sq, chosen_pos, take, chosen, kept_key
     timings["sample"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -33,7 +33,8 @@ Data and masking, as the authors' code does it (microsoft/unilm ``simlm/``) and 
   :mod:`simlm_core.modeling.pretrain`), as the authors do; the collator only masks.
 * **Optimisation** (``train_rlm.sh``): bert-base-uncased init, 64 per GPU x 4 accumulation x 8
   GPUs, lr 3e-4 linear decay, warmup 4000, weight decay 0, 80k steps, fp16, seed 45678, a
-  checkpoint every 10k steps. Our :class:`PretrainArgs` defaults are those numbers.
+  checkpoint every 10k steps (20 kept). Our :class:`PretrainArgs` defaults are those numbers;
+  precision (bf16/fp16) and the number of checkpoints kept stay with :class:`TrainConfig`.
 
 The generator stand-in (:func:`train_generator`): a small ``BertForMaskedLM`` trained with the
 standard 15% BERT masking (``DataCollatorForLanguageModeling``: 80/10/10) on the same corpus and
@@ -47,7 +48,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -425,6 +426,9 @@ def _passages(args: TrainConfig, training_args) -> PassageDataset:
 def build_pretrain_model(args: PretrainArgs, tokenizer: PreTrainedTokenizerBase):
     from simlm_core.modeling.pretrain import SimLMForPretraining, build_replacer
 
+    if args.generator == "train":
+        raise ValueError("generator='train' is resolved by the workflow to the folder that "
+                         "drivers/train_generator.py wrote; pass that folder here")
     counts = None
     if args.generator == "unigram":
         counts = corpus_unigram_counts(args.corpus_path, tokenizer, args.unigram_max_passages, args.max_len)

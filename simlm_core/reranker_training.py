@@ -244,7 +244,7 @@ class EpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # state.epoch is e exactly at the start of epoch e, and e + fraction when resuming inside it.
-        self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-6)))
+        self.dataset.set_epoch(int(math.floor((state.epoch or 0.0) + 1e-9)))
         return control
 
 
@@ -304,23 +304,24 @@ class RerankerTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.rdrop_alpha = rdrop_alpha
         self.forward_factor = forward_factor
-        self._sums = {"ce_loss": 0.0, "rdrop_loss": 0.0, "group_acc": 0.0}
+        self._sums: dict[str, torch.Tensor | float] = dict.fromkeys(("ce_loss", "rdrop_loss", "group_acc"), 0.0)
         self._count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = group_loss(model, inputs, self.rdrop_alpha, self.forward_factor,
                          selector=self.accelerator.unwrap_model(model))
-        if model.training:
-            self._sums["ce_loss"] += float(out["ce"].detach())
-            self._sums["rdrop_loss"] += float(out["rdrop"].detach())
-            self._sums["group_acc"] += float((out["scores"].detach().argmax(dim=1) == 0).float().mean())
+        if model.training:  # accumulated on the device: no host sync per step
+            self._sums["ce_loss"] = self._sums["ce_loss"] + out["ce"].detach()
+            self._sums["rdrop_loss"] = self._sums["rdrop_loss"] + out["rdrop"].detach()
+            acc = (out["scores"].detach().argmax(dim=1) == 0).float().mean()
+            self._sums["group_acc"] = self._sums["group_acc"] + acc
             self._count += 1
         return (out["loss"], {"scores": out["scores"]}) if return_outputs else out["loss"]
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._count:
             for k, v in self._sums.items():
-                logs[k] = round(v / self._count, 6)
+                logs[k] = round(float(v) / self._count, 6)
             self._sums = dict.fromkeys(self._sums, 0.0)
             self._count = 0
         super().log(logs, *args, **kwargs)

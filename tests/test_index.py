@@ -69,6 +69,9 @@ def test_flat_equals_brute_force_over_three_shards(tmp_path, shards):
         untied = np.r_[True, np.diff(scores[i]) < -1e-3] & np.r_[np.diff(scores[i]) < -1e-3, True]
         assert (got.pid.to_numpy()[untied] == exp[untied]).all()
     assert run.qid.drop_duplicates().tolist() == qids  # queries in input order
+    mapped = search(tmp_path / "index.faiss", tmp_path / "ids.parquet", queries, qids, top_k=k,
+                    use_gpu=False, mmap=True)  # vectors memory-mapped from the file
+    pd.testing.assert_frame_equal(run, mapped)
 
 
 def test_k_larger_than_collection(tmp_path):
@@ -154,8 +157,18 @@ def test_dim_mismatch_and_duplicates_name_file(tmp_path):
 
 
 def test_search_rejects_bad_queries(tmp_path):
+    from simlm_core.index import gpu_available, load_index
+
     emb_paths, ids_paths, _, _ = write_shards(tmp_path, [5])
     build_index(emb_paths, ids_paths, tmp_path / "i.faiss", tmp_path / "i.parquet")
+    if not gpu_available():
+        with pytest.raises(RuntimeError, match="no GPU support"):
+            load_index(tmp_path / "i.faiss", use_gpu=True)
+    with pytest.raises(InputError, match="does not exist"):
+        load_index(tmp_path / "missing.faiss")
+    pq.write_table(pa.table({"pid": ["a", "b"]}), tmp_path / "short.parquet")
+    with pytest.raises(InputError, match="short.parquet.*2 pids"):
+        search(tmp_path / "i.faiss", tmp_path / "short.parquet", np.zeros((1, DIM)), ["a"], use_gpu=False)
     with pytest.raises(ValueError, match="dimension"):
         search(tmp_path / "i.faiss", tmp_path / "i.parquet", np.zeros((2, DIM + 1)), ["a", "b"], use_gpu=False)
     with pytest.raises(ValueError, match="duplicate qids"):
@@ -172,6 +185,106 @@ def test_build_index_driver(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["ntotal"] == 17
     with pytest.raises(ValueError, match="unknown key"):
         main(["--args-json", json.dumps({**args, "bogus": 1})])
+
+
+class FakeGpuFaiss:
+    """The real (CPU) faiss plus the GPU entry points, recording how search uses them."""
+
+    class StandardGpuResources:
+        pass
+
+    class GpuMultipleClonerOptions:
+        useFloat16 = False
+        shard = False
+
+    def __init__(self, real, fail: bool = False):
+        self._real, self.fail, self.clones, self.params = real, fail, [], []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def get_num_gpus(self):
+        return 2
+
+    def index_cpu_to_all_gpus(self, index, co=None, ngpu=-1):
+        if self.fail:
+            raise RuntimeError("cudaMalloc: out of memory")
+        co = co or self.GpuMultipleClonerOptions()
+        self.clones.append({"useFloat16": co.useFloat16, "shard": co.shard, "ngpu": ngpu})
+        return index  # stands in for the GPU index
+
+    def GpuParameterSpace(self):
+        outer = self
+
+        class Space:
+            def set_index_parameter(self, index, name, value):
+                outer.params.append((name, value))
+                outer._real.ParameterSpace().set_index_parameter(index, name, value)
+
+        return Space()
+
+
+@pytest.fixture()
+def fake_gpu(monkeypatch):
+    import faiss
+
+    import simlm_core.index as index_mod
+
+    def install(fail=False):
+        fake = FakeGpuFaiss(faiss, fail)
+        monkeypatch.setattr(index_mod, "_faiss", lambda: fake)
+        return fake
+
+    return install
+
+
+def test_gpu_path_clones_with_fp16_and_shards(tmp_path, fake_gpu):
+    from simlm_core.index import gpu_available, load_index
+
+    emb_paths, ids_paths, _, _ = write_shards(tmp_path, [60, 40])
+    build_index(emb_paths, ids_paths, tmp_path / "f.faiss", tmp_path / "f.parquet")
+    build_index(emb_paths, ids_paths, tmp_path / "v.faiss", tmp_path / "v.parquet", index_type="ivf",
+                ivf_nlist=4, ivf_nprobe=2, recall_sample=0)
+    q = np.random.default_rng(8).standard_normal((6, DIM)).astype(np.float32)
+    qids = [f"q{i}" for i in range(6)]
+    cpu = search(tmp_path / "f.faiss", tmp_path / "f.parquet", q, qids, top_k=10, use_gpu=False)
+    fake = fake_gpu()
+    assert gpu_available()
+    _, on_gpu = load_index(tmp_path / "f.faiss", use_gpu="auto", top_k=10)
+    assert on_gpu and fake.clones == [{"useFloat16": True, "shard": True, "ngpu": 2}]
+    gpu = search(tmp_path / "f.faiss", tmp_path / "f.parquet", q, qids, top_k=10, fp16_gpu=False)
+    assert fake.clones[-1]["useFloat16"] is False
+    pd.testing.assert_frame_equal(cpu, gpu)
+    search(tmp_path / "v.faiss", tmp_path / "v.parquet", q, qids, top_k=10, nprobe=3)
+    assert fake.params[-1] == ("nprobe", 3)  # search-time nprobe reaches the GPU index
+    stats = build_index(emb_paths, ids_paths, tmp_path / "g.faiss", tmp_path / "g.parquet", index_type="ivf",
+                        ivf_nlist=4, recall_sample=10, recall_k=5)
+    assert stats["train_on_gpu"] and stats["recall_at_k"] > 0.5  # k-means assignment on "GPU"
+
+
+def test_gpu_fallbacks(tmp_path, fake_gpu):
+    from simlm_core.index import load_index
+
+    emb_paths, ids_paths, _, _ = write_shards(tmp_path, [1500, 1600], dim=4)
+    build_index(emb_paths, ids_paths, tmp_path / "f.faiss", tmp_path / "f.parquet")
+    build_index(emb_paths, ids_paths, tmp_path / "h.faiss", tmp_path / "h.parquet", index_type="hnsw",
+                hnsw_m=8, recall_sample=0)
+    fake = fake_gpu()
+    with pytest.warns(RuntimeWarning, match="IndexHNSWFlat has no FAISS GPU"):
+        assert load_index(tmp_path / "h.faiss", use_gpu="auto")[1] is False
+    with pytest.raises(RuntimeError, match="use_gpu=True"):
+        load_index(tmp_path / "h.faiss", use_gpu=True)
+    with pytest.warns(RuntimeWarning, match="exceeds the GPU limit"):
+        assert load_index(tmp_path / "f.faiss", use_gpu="auto", top_k=2500)[1] is False
+    assert load_index(tmp_path / "f.faiss", use_gpu="auto", top_k=2048)[1] is True
+    assert load_index(tmp_path / "f.faiss", use_gpu="no")[1] is False and len(fake.clones) == 1
+    fake_gpu(fail=True)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        assert load_index(tmp_path / "f.faiss", use_gpu="auto")[1] is False
+    with pytest.raises(RuntimeError, match="out of memory"):
+        load_index(tmp_path / "f.faiss", use_gpu=True)
+    with pytest.raises(ValueError, match="use_gpu"):
+        load_index(tmp_path / "f.faiss", use_gpu="maybe")
 
 
 @pytest.mark.gpu

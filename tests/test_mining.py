@@ -222,3 +222,24 @@ def test_mine_negatives_driver(tmp_path):
 
     with pytest.raises(InputError, match="bad.parquet.*rank"):
         main(["--args-json", json.dumps({**args, "run_path": str(tmp_path / "bad.parquet")})])
+
+
+def test_unsorted_run_with_huge_rank_values():
+    # rank values too wide to pack into one sort key: the lexsort fallback, same answer
+    run = pd.DataFrame({"qid": ["q2", "q1", "q2", "q1", "q1"], "pid": ["c", "b", "d", "a", "e"],
+                        "rank": [10**17, 2**62, 5, -(2**62), 2**62 + 1]})
+    qrels = make_qrels([("q1", "zz", 1), ("q2", "zz", 1)])
+    df, st = mine_negatives(run, qrels)
+    assert [list(x) for x in df.negatives] == [["a", "b", "e"], ["d", "c"]]
+    assert st["run_order"] == "unsorted"
+
+
+def test_empty_inputs(tmp_path):
+    empty_run = make_run({})
+    qrels = make_qrels([("a", "x", 1)])
+    df, st = mine_negatives(empty_run.astype({"qid": str, "pid": str, "rank": "int32"}), qrels, num_negatives=3)
+    assert len(df) == 0 and st["queries_missing_from_run"] == 1
+    df, st = mine_negatives(make_run({"a": ["y"]}), make_qrels([]).astype({"qid": str, "pid": str, "relevance": "int32"}))
+    assert len(df) == 0 and st["queries_with_positives"] == 0 and st["run_rows_ignored"] == 1
+    write_negatives(df, tmp_path / "empty.parquet")
+    assert len(read_table(tmp_path / "empty.parquet", NEGATIVES_SCHEMA)) == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +36,7 @@ def format_passage(title: str | None, text: str) -> str:
 
 
 def tokenize_pairs(tokenizer, queries: Sequence[str], passages: Sequence[str], max_len: int = DEFAULT_MAX_LEN,
-                   padding: bool | str = True):
+                   padding: bool | str = True, pad_to_multiple_of: int | None = None):
     """Tokenise (query, passage) pairs into one padded batch of PyTorch tensors."""
     return tokenizer(
         list(queries),
@@ -43,6 +44,7 @@ def tokenize_pairs(tokenizer, queries: Sequence[str], passages: Sequence[str], m
         max_length=max_len,
         truncation="longest_first",
         padding=padding,
+        pad_to_multiple_of=pad_to_multiple_of,
         return_tensors="pt",
     )
 
@@ -105,30 +107,43 @@ class CrossEncoder:
         """Score each (query, passage) pair; returns float32 scores in input order.
 
         Pairs are processed longest first in batches of similar length (less padding); bf16
-        autocast is used on CUDA only.
+        autocast is used on CUDA only. The next batch is tokenised in a background thread while
+        the current one runs (on a GPU, tokenisation otherwise takes more time than the model).
         """
         if len(queries) != len(passages):
             raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
         n = len(queries)
-        scores = np.empty(n, dtype=np.float32)
         if n == 0:
-            return scores
+            return np.empty(0, dtype=np.float32)
         dev = resolve_device(device)
         was_training = self.model.training
         self.model.eval()
         self.model.to(dev)
         # Character length is a cheap proxy for token length: batches of similar lengths.
         order = np.argsort([-(len(q) + len(p)) for q, p in zip(queries, passages)], kind="stable")
+        starts = list(range(0, n, batch_size))
+        pad_multiple = 8 if dev.type == "cuda" else None
+
+        def tokenize(start: int):
+            idx = order[start:start + batch_size]
+            return tokenize_pairs(self.tokenizer, [queries[i] for i in idx], [passages[i] for i in idx],
+                                  max_len=max_len, pad_to_multiple_of=pad_multiple)
+
+        outputs = []
         try:
-            for start in tqdm(range(0, n, batch_size), desc="rerank score", unit="batch",
-                              disable=not show_progress, mininterval=5):
-                idx = order[start:start + batch_size]
-                batch = tokenize_pairs(self.tokenizer, [queries[i] for i in idx], [passages[i] for i in idx],
-                                       max_len=max_len)
-                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-                with autocast_context(dev, bf16):
-                    logits = self.model(**batch).logits
-                scores[idx] = logits.view(-1).float().cpu().numpy()
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(tokenize, starts[0])
+                for k in tqdm(range(len(starts)), desc="rerank score", unit="batch", disable=not show_progress,
+                              mininterval=5):
+                    batch = pending.result()
+                    if k + 1 < len(starts):
+                        pending = pool.submit(tokenize, starts[k + 1])
+                    batch = {key: v.to(dev, non_blocking=True) for key, v in batch.items()}
+                    with autocast_context(dev, bf16):
+                        logits = self.model(**batch).logits
+                    outputs.append(logits.view(-1).float())  # stays on the device: no sync per batch
         finally:
             self.model.train(was_training)
+        scores = np.empty(n, dtype=np.float32)
+        scores[order] = torch.cat(outputs).cpu().numpy()
         return scores
