@@ -104,7 +104,7 @@ rule encode_shard:
     input:
         model=out("{system}", "checkpoint"),
         corpus=out("data", "corpus.parquet"),
-        code=core("encode.py", "modeling/biencoder.py", "drivers/encode_corpus.py"),
+        code=core("encode.py", "collators.py", "modeling/biencoder.py", "drivers/encode_corpus.py"),
     output:
         embeddings=out("{system}", "embeddings", "shard-{shard}.npy"),
         ids=out("{system}", "embeddings", "shard-{shard}.ids.parquet"),
@@ -183,7 +183,7 @@ rule dense_search:
         index=out("{system}", "index.faiss"),
         ids=out("{system}", "index.ids.parquet"),
         queries=out("data", "queries", "{split}.parquet"),
-        code=core("encode.py", "index.py", "modeling/biencoder.py"),
+        code=core("encode.py", "collators.py", "index.py", "modeling/biencoder.py"),
     output:
         run=out("{system}", "runs", "{split}.parquet"),
     params:

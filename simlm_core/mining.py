@@ -29,15 +29,17 @@ Python string objects per row) and NumPy (integer codes); no per-row or per-quer
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from simlm_core.io import NEGATIVES_SCHEMA, PathLike, write_table
+from simlm_core.io import NEGATIVES_SCHEMA, InputError, PathLike, write_table
 
 NUM_EXAMPLES = 5
 
@@ -206,87 +208,90 @@ def _list_array(values: pa.Array, group_codes: np.ndarray, num_groups: int) -> p
     return pa.LargeListArray.from_arrays(pa.array(offsets), values)
 
 
-def mine_negatives(
-    run: pd.DataFrame | pa.Table,
-    qrels: pd.DataFrame | pa.Table,
-    top_k: int = 200,
-    window_start: int = 0,
-    window_end: int | None = None,
-    num_negatives: int | None = None,
-    min_relevance: int = 1,
-    seed: int = 42,
-    queries: Iterable[str] | None = None,
-) -> tuple[pd.DataFrame, dict]:
-    """Negatives per query: its run's top-k minus all labelled positives (see the module doc).
+@dataclasses.dataclass
+class _Labels:
+    """What the qrels say, in integer codes over ``targets`` (the sorted qids with a positive)."""
 
-    ``run``: ``qid, pid, rank`` (any order; a pandas DataFrame or an Arrow table).
-    ``qrels``: ``qid, pid, relevance``. ``queries``: optional qids to mine for (e.g. the
-    training queries); qrels of other queries are ignored, listed queries without a positive
-    are counted.
+    targets: pa.Array
+    positives: pa.Array  # list<string> per target
+    excluded_pids: pa.Array  # every pid judged relevant for some target
+    excluded_pairs: np.ndarray  # sorted keys target_code * len(excluded_pids) + pid_code
+    no_positive: pa.Array  # qids judged (or listed in ``queries``) without any positive
+    ignored_qrels_queries: int
+    qid_hash: np.ndarray | None = None  # per target, for sampling
 
-    Returns ``(table, stats)``. ``table`` has one row per query that keeps at least one negative,
-    sorted by qid: ``qid``, ``positives`` (sorted), ``negatives`` (rank order). ``stats`` counts
-    every query that was dropped, with a few examples: ``queries_missing_from_run``,
-    ``queries_without_negatives``, ``queries_without_positives``, plus totals and ``rows_per_s``.
-    """
-    if top_k <= 0:
-        raise ValueError(f"top_k must be positive, got {top_k}")
-    if window_start < 0:
-        raise ValueError(f"window_start must be >= 0, got {window_start}")
-    if window_end is not None and window_end <= window_start:
-        raise ValueError(f"window_end ({window_end}) must be > window_start ({window_start})")
-    if num_negatives is not None and num_negatives <= 0:
-        raise ValueError(f"num_negatives must be positive or None, got {num_negatives}")
-    _check_columns(run, ["qid", "pid", "rank"], "run")
+
+def _prepare_labels(qrels, min_relevance: int, queries, seed: int | None) -> _Labels:
     _check_columns(qrels, ["qid", "pid", "relevance"], "qrels")
-    t0 = time.perf_counter()
-    stop = min(top_k, window_end) if window_end is not None else top_k
-
-    # --- labels -------------------------------------------------------------------------------
     q_qid = _as_string_array(_column(qrels, "qid"), "qrels.qid")
     q_pid = _as_string_array(_column(qrels, "pid"), "qrels.pid")
     q_rel = _int_column(qrels, "relevance")
     judged_qids = pc.unique(q_qid)
     if queries is not None:
         wanted = pc.unique(_as_string_array(list(queries), "queries"))
-        keep = pc.is_in(q_qid, value_set=wanted).to_numpy(zero_copy_only=False)
-        ignored_qrels_queries = int(len(judged_qids) - pc.sum(pc.is_in(judged_qids, value_set=wanted)).as_py())
-        q_qid, q_pid, q_rel = q_qid.filter(pa.array(keep)), q_pid.filter(pa.array(keep)), q_rel[keep]
+        keep = pc.is_in(q_qid, value_set=wanted)
+        known = pc.sum(pc.is_in(judged_qids, value_set=wanted)).as_py() or 0
+        ignored = int(len(judged_qids) - known)
+        q_qid, q_pid = q_qid.filter(keep), q_pid.filter(keep)
+        q_rel = q_rel[keep.to_numpy(zero_copy_only=False)]
         universe = wanted
     else:
-        ignored_qrels_queries = 0
-        universe = judged_qids
-    pos_mask = q_rel >= min_relevance
-    targets = pc.unique(q_qid.filter(pa.array(pos_mask)))
+        ignored, universe = 0, judged_qids
+    pos_mask = pa.array(q_rel >= min_relevance)
+    targets = pc.unique(q_qid.filter(pos_mask))
     targets = targets.take(pc.sort_indices(targets))  # output order: sorted qid
-    n_targets = len(targets)
     no_pos = universe.filter(pc.invert(pc.is_in(universe, value_set=targets)))
 
     # positives lists, sorted by (qid, pid), deduplicated
-    pos_table = pa.table({"qid": q_qid.filter(pa.array(pos_mask)), "pid": q_pid.filter(pa.array(pos_mask))})
-    pos_table = pos_table.group_by(["qid", "pid"]).aggregate([]).sort_by([("qid", "ascending"), ("pid", "ascending")])
+    pos_table = pa.table({"qid": q_qid.filter(pos_mask), "pid": q_pid.filter(pos_mask)})
+    pos_table = pos_table.group_by(["qid", "pid"]).aggregate([])
+    pos_table = pos_table.sort_by([("qid", "ascending"), ("pid", "ascending")])
     pos_codes = _codes(pos_table.column("qid").combine_chunks(), targets)
-    positives = _list_array(pos_table.column("pid").combine_chunks(), pos_codes, n_targets)
+    positives = _list_array(pos_table.column("pid").combine_chunks(), pos_codes, len(targets))
 
-    # --- run: restrict to target queries, order by (query, rank), number positions -------------
-    timings: dict[str, float] = {"labels": time.perf_counter() - t0}
+    # excluded from negatives: judged relevant at any grade counted as relevant (>= 1)
+    excl_mask = pa.array(q_rel >= min(min_relevance, 1))
+    ex_pids = pc.unique(q_pid.filter(excl_mask))
+    ex_q = _codes(q_qid.filter(excl_mask), targets)
+    ex_p = _codes(q_pid.filter(excl_mask), ex_pids)
+    n_ex = np.int64(max(len(ex_pids), 1))
+    pairs = np.unique(ex_q[ex_q >= 0] * n_ex + ex_p[ex_q >= 0])
+    qid_hash = None
+    if seed is not None:
+        qid_hash = pd.util.hash_array(np.asarray(targets.to_pylist(), dtype=object),
+                                      hash_key=f"{seed & 0xFFFFFFFFFFFFFFFF:016x}")
+    return _Labels(targets, positives, ex_pids, pairs, no_pos, ignored, qid_hash)
+
+
+def _mine_part(run, labels: _Labels, window_start: int, stop: int, num_negatives: int | None,
+               seed: int, timings: dict[str, float]) -> dict:
+    """Mine one part of a run holding ALL rows of each of its queries. Integer codes out."""
+    _check_columns(run, ["qid", "pid", "rank"], "run")
+    n_targets = len(labels.targets)
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - since
+        return now
+
+    # --- restrict to target queries, order by (query, rank), number positions ------------------
     t = time.perf_counter()
     r_qid = _as_string_array(_column(run, "qid"), "run.qid")
     r_pid = _as_string_array(_column(run, "pid"), "run.pid")
     r_rank = _int_column(run, "rank")
     n_run_rows = len(r_qid)
-    qcode = _codes(r_qid, targets)
+    qcode = _codes(r_qid, labels.targets)
+    del r_qid
     rows = np.flatnonzero(qcode >= 0)
     n_target_rows = len(rows)
     qcode, rank = qcode[rows], r_rank[rows]
     del r_rank
-    timings["match_queries"] = time.perf_counter() - t
-    t = time.perf_counter()
+    t = lap("match_queries", t)
     order_kind = "sorted"
     if len(rows) > 1:
         starts = np.r_[True, qcode[1:] != qcode[:-1]]
         ascending = bool(np.all(np.diff(rank)[~starts[1:]] >= 0))
-        grouped = int(starts.sum()) == int((np.bincount(qcode, minlength=n_targets) > 0).sum())
+        grouped = int(starts.sum()) == len(np.unique(qcode[starts]))
         if not (ascending and grouped and np.all(qcode[1:] >= qcode[:-1])):
             order_kind = "grouped" if (ascending and grouped) else "unsorted"
             order = _order_by(qcode, None if order_kind == "grouped" else rank, n_targets)
@@ -295,46 +300,37 @@ def mine_negatives(
         del starts
     del rank
     position = _within_group_index(qcode)  # 0-based, before any removal
-    in_run = np.bincount(qcode, minlength=n_targets) > 0
+    present = np.unique(qcode) if len(qcode) else np.zeros(0, np.int64)
     cut = position < stop  # rows past the top_k / window end play no part
     rows, qcode, position = rows[cut], qcode[cut], position[cut]
     del cut
     cand_pid = r_pid.take(pa.array(rows))
-    timings["order"] = time.perf_counter() - t
+    del r_pid, rows
+    t = lap("order", t)
 
-    # a pid retrieved twice for one query keeps its best-ranked row (the copy keeps its slot)
-    t = time.perf_counter()
+    # a pid listed twice for one query counts once, at its best position (the copy keeps its slot)
     dup = _duplicate_pairs(qcode, _string_fingerprints(cand_pid))
     n_dup = int(dup.sum())
-    timings["duplicates"] = time.perf_counter() - t
+    t = lap("duplicates", t)
 
     # --- exclusion of judged-relevant pids ------------------------------------------------------
-    t = time.perf_counter()
-    excl_mask = q_rel >= min(min_relevance, 1)
-    ex_pids = pc.unique(q_pid.filter(pa.array(excl_mask)))
-    ex_q = _codes(q_qid.filter(pa.array(excl_mask)), targets)
-    ex_p = _codes(q_pid.filter(pa.array(excl_mask)), ex_pids)
-    n_ex = np.int64(max(len(ex_pids), 1))
-    excluded_pairs = np.unique(ex_q[ex_q >= 0] * n_ex + ex_p[ex_q >= 0])
-    cand_code = _codes(cand_pid, ex_pids)  # -1 for the (vast) majority never judged relevant
+    n_ex = np.int64(max(len(labels.excluded_pids), 1))
+    cand_code = _codes(cand_pid, labels.excluded_pids)  # -1 for the vast majority
     hit = np.flatnonzero(cand_code >= 0)
-    is_excluded = np.zeros(len(rows), bool)
-    is_excluded[hit] = np.isin(qcode[hit] * n_ex + cand_code[hit], excluded_pairs)
+    is_excluded = np.zeros(len(qcode), bool)
+    is_excluded[hit] = np.isin(qcode[hit] * n_ex + cand_code[hit], labels.excluded_pairs)
     del cand_code, hit
     in_window = position >= window_start
     positives_in_window = int((in_window & is_excluded).sum())
     keep = in_window & ~is_excluded & ~dup
     del is_excluded, in_window, dup
-    timings["exclude"] = time.perf_counter() - t
+    t = lap("exclude", t)
 
     # --- sampling -------------------------------------------------------------------------------
-    t = time.perf_counter()
     if num_negatives is not None:
         keep_idx = np.flatnonzero(keep)
         kq, kpos = qcode[keep_idx], position[keep_idx]
-        qhash = pd.util.hash_array(np.asarray(targets.to_pylist(), dtype=object),
-                                   hash_key=f"{seed & 0xFFFFFFFFFFFFFFFF:016x}")
-        key = _splitmix64(qhash[kq] ^ _splitmix64(kpos.astype(np.uint64) + np.uint64(seed & 0xFFFFFFFF)))
+        key = _splitmix64(labels.qid_hash[kq] ^ _splitmix64(kpos.astype(np.uint64) + np.uint64(seed & 0xFFFFFFFF)))
         # One packed sort: query code (high bits) | random key | position (low bits); positions are
         # unique within a query, so (query, position) finds the row again after sorting.
         qbits, pbits = _bits(n_targets), _bits(stop)
@@ -353,47 +349,77 @@ def mine_negatives(
         keep[keep_idx] = False
         keep[keep_idx[np.searchsorted(kept_key, chosen)]] = True
         del keep_idx, kq, kpos, key, combined, sq, chosen_pos, take, chosen, kept_key
-    timings["sample"] = time.perf_counter() - t
+    lap("sample", t)
+    return {
+        "run_rows": n_run_rows,
+        "target_rows": n_target_rows,
+        "duplicates": n_dup,
+        "positives_in_window": positives_in_window,
+        "order": order_kind,
+        "present": present,
+        "neg_q": qcode[keep],
+        "neg_pid": cand_pid.filter(pa.array(keep)),
+    }
 
+
+def _check_args(top_k, window_start, window_end, num_negatives) -> int:
+    if top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    if window_start < 0:
+        raise ValueError(f"window_start must be >= 0, got {window_start}")
+    if window_end is not None and window_end <= window_start:
+        raise ValueError(f"window_end ({window_end}) must be > window_start ({window_start})")
+    if num_negatives is not None and num_negatives <= 0:
+        raise ValueError(f"num_negatives must be positive or None, got {num_negatives}")
+    return min(top_k, window_end) if window_end is not None else top_k
+
+
+def _assemble(labels: _Labels, parts: list[dict], params: dict, t0: float, timings: dict,
+              run_order: str) -> tuple[pd.DataFrame, dict]:
     t = time.perf_counter()
-    neg_q = qcode[keep]
-    negatives = _list_array(cand_pid.filter(pa.array(keep)), neg_q, n_targets)
+    n_targets = len(labels.targets)
+    in_run = np.zeros(n_targets, bool)
+    for part in parts:
+        in_run[part["present"]] = True
+    neg_q = np.concatenate([p["neg_q"] for p in parts]) if parts else np.zeros(0, np.int64)
+    values = (pa.concat_arrays([p["neg_pid"] for p in parts]) if parts else pa.array([], pa.string()))
+    if len(neg_q) > 1 and not np.all(neg_q[1:] >= neg_q[:-1]):  # parts not in qid order
+        order = _order_by(neg_q, None, n_targets)
+        neg_q, values = neg_q[order], values.take(pa.array(order))
+    negatives = _list_array(values, neg_q, n_targets)
     n_neg = np.bincount(neg_q, minlength=n_targets)
-
-    # --- assemble, count what is dropped ------------------------------------------------------
     out_mask = n_neg > 0
     missing = ~in_run
     no_neg = in_run & (n_neg == 0)
-    table = pa.table({"qid": targets, "positives": positives, "negatives": negatives})
+    table = pa.table({"qid": labels.targets, "positives": labels.positives, "negatives": negatives})
     table = table.filter(pa.array(out_mask))
     # Arrow-backed columns: no Python object per negative (100M of them at MS MARCO scale).
     df = table.to_pandas(types_mapper=pd.ArrowDtype)
-    timings["assemble"] = time.perf_counter() - t
+    timings["assemble"] = timings.get("assemble", 0.0) + time.perf_counter() - t
     seconds = time.perf_counter() - t0
 
     def examples(mask: np.ndarray) -> list[str]:
-        return targets.filter(pa.array(mask)).slice(0, NUM_EXAMPLES).to_pylist()
+        return labels.targets.filter(pa.array(mask)).slice(0, NUM_EXAMPLES).to_pylist()
 
+    n_run_rows = sum(p["run_rows"] for p in parts)
     kept_counts = n_neg[out_mask]
     stats = {
-        "params": {
-            "top_k": top_k, "window_start": window_start, "window_end": window_end,
-            "num_negatives": num_negatives, "min_relevance": min_relevance, "seed": seed,
-        },
+        "params": params,
         "run_rows": n_run_rows,
-        "run_rows_ignored": int(n_run_rows - n_target_rows),
-        "run_duplicate_rows_dropped": n_dup,
-        "run_order": order_kind,
+        "run_rows_ignored": int(n_run_rows - sum(p["target_rows"] for p in parts)),
+        "run_duplicate_rows_dropped": sum(p["duplicates"] for p in parts),
+        "run_order": run_order,
+        "run_parts": len(parts),
         "queries_with_positives": n_targets,
         "queries_in_output": int(out_mask.sum()),
         "queries_missing_from_run": int(missing.sum()),
         "queries_missing_from_run_examples": examples(missing),
         "queries_without_negatives": int(no_neg.sum()),
         "queries_without_negatives_examples": examples(no_neg),
-        "queries_without_positives": int(len(no_pos)),
-        "queries_without_positives_examples": no_pos.slice(0, NUM_EXAMPLES).to_pylist(),
-        "qrels_queries_ignored": ignored_qrels_queries,
-        "positives_removed_from_window": positives_in_window,
+        "queries_without_positives": int(len(labels.no_positive)),
+        "queries_without_positives_examples": labels.no_positive.slice(0, NUM_EXAMPLES).to_pylist(),
+        "qrels_queries_ignored": labels.ignored_qrels_queries,
+        "positives_removed_from_window": sum(p["positives_in_window"] for p in parts),
         "negatives_total": int(n_neg.sum()),
         "negatives_per_query_mean": float(kept_counts.mean()) if len(kept_counts) else 0.0,
         "negatives_per_query_min": int(kept_counts.min()) if len(kept_counts) else 0,
@@ -405,9 +431,119 @@ def mine_negatives(
     return df, stats
 
 
+def mine_negatives(
+    run: pd.DataFrame | pa.Table,
+    qrels: pd.DataFrame | pa.Table,
+    top_k: int = 200,
+    window_start: int = 0,
+    window_end: int | None = None,
+    num_negatives: int | None = None,
+    min_relevance: int = 1,
+    seed: int = 42,
+    queries: Iterable[str] | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """Negatives per query: its run's top-k minus all labelled positives (see the module doc).
+
+    ``run``: ``qid, pid, rank`` (any row order; a pandas DataFrame or an Arrow table).
+    ``qrels``: ``qid, pid, relevance``. ``queries``: optional qids to mine for (e.g. the
+    training queries); qrels of other queries are ignored, listed queries without a positive
+    are counted.
+
+    Returns ``(table, stats)``. ``table`` has one row per query that keeps at least one negative,
+    sorted by qid: ``qid``, ``positives`` (sorted), ``negatives`` (rank order); its columns are
+    Arrow-backed (``pd.ArrowDtype``; a cell is a list). ``stats`` counts every query that was
+    dropped, with a few examples: ``queries_missing_from_run``, ``queries_without_negatives``,
+    ``queries_without_positives``, plus totals, ``rows_per_s`` and per-step ``timings``.
+    """
+    stop = _check_args(top_k, window_start, window_end, num_negatives)
+    _check_columns(run, ["qid", "pid", "rank"], "run")
+    t0 = time.perf_counter()
+    labels = _prepare_labels(qrels, min_relevance, queries, seed if num_negatives else None)
+    timings = {"labels": time.perf_counter() - t0}
+    part = _mine_part(run, labels, window_start, stop, num_negatives, seed, timings)
+    params = {"top_k": top_k, "window_start": window_start, "window_end": window_end,
+              "num_negatives": num_negatives, "min_relevance": min_relevance, "seed": seed}
+    return _assemble(labels, [part], params, t0, timings, part["order"])
+
+
+def iter_run_parts(path: PathLike, part_rows: int = 20_000_000, batch_rows: int = 1_000_000) -> Iterator[pa.Table]:
+    """Stream a run Parquet as tables of about ``part_rows`` rows that never split a query's rows.
+
+    Needs the rows of each query to be contiguous (``io.write_run`` sorts by qid, rank).
+    """
+    pf = pq.ParquetFile(path)
+    missing = [c for c in ("qid", "pid", "rank") if c not in pf.schema_arrow.names]
+    if missing:
+        raise InputError(path, f"missing column(s) {missing}; has {pf.schema_arrow.names}")
+    buf: list[pa.RecordBatch] = []
+    n_buf = 0
+    for batch in pf.iter_batches(batch_size=max(1, min(batch_rows, part_rows)), columns=["qid", "pid", "rank"]):
+        buf.append(batch)
+        n_buf += batch.num_rows
+        if n_buf < part_rows:
+            continue
+        table = pa.Table.from_batches(buf)
+        qid = table.column("qid")
+        not_last = np.flatnonzero(~pc.equal(qid, qid[-1]).to_numpy(zero_copy_only=False))
+        cut = int(not_last[-1]) + 1 if len(not_last) else 0  # the last query may go on: keep it
+        if cut:
+            yield table.slice(0, cut)
+            rest = table.slice(cut)
+            buf, n_buf = rest.to_batches(), rest.num_rows
+    if n_buf:
+        yield pa.Table.from_batches(buf)
+
+
+def mine_negatives_parquet(
+    run_path: PathLike,
+    qrels: pd.DataFrame | pa.Table,
+    top_k: int = 200,
+    window_start: int = 0,
+    window_end: int | None = None,
+    num_negatives: int | None = None,
+    min_relevance: int = 1,
+    seed: int = 42,
+    queries: Iterable[str] | None = None,
+    part_rows: int = 20_000_000,
+) -> tuple[pd.DataFrame, dict]:
+    """``mine_negatives`` over a run Parquet read in parts of ~``part_rows`` rows: same result,
+    memory bounded by one part plus the output (for runs of 100M+ rows).
+
+    The run must keep each query's rows together (any query order; ``write_run`` output does);
+    a query split across parts is an ``InputError`` naming the file.
+    """
+    stop = _check_args(top_k, window_start, window_end, num_negatives)
+    t0 = time.perf_counter()
+    labels = _prepare_labels(qrels, min_relevance, queries, seed if num_negatives else None)
+    timings = {"labels": time.perf_counter() - t0}
+    seen = np.zeros(len(labels.targets), bool)
+    parts, orders = [], []
+    last_code = -1
+    for table in iter_run_parts(run_path, part_rows):
+        part = _mine_part(table, labels, window_start, stop, num_negatives, seed, timings)
+        present = part["present"]
+        if seen[present].any():
+            again = labels.targets[int(present[seen[present]][0])].as_py()
+            raise InputError(run_path, f"the run does not keep each query's rows together: query "
+                             f"{again!r} appears in separate parts; sort it by qid (write_run does)")
+        seen[present] = True
+        orders.append(part["order"])
+        if len(present) and present[0] < last_code:
+            orders.append("grouped")
+        if len(present):
+            last_code = int(present[-1])
+        parts.append(part)
+        del table
+    run_order = "unsorted" if "unsorted" in orders else "grouped" if "grouped" in orders else "sorted"
+    params = {"top_k": top_k, "window_start": window_start, "window_end": window_end,
+              "num_negatives": num_negatives, "min_relevance": min_relevance, "seed": seed,
+              "part_rows": part_rows}
+    return _assemble(labels, parts, params, t0, timings, run_order)
+
+
 def write_negatives(df: pd.DataFrame | pa.Table, path: PathLike) -> None:
     """Write a negatives table (``qid, positives, negatives``) atomically with NEGATIVES_SCHEMA."""
     write_table(df, path, NEGATIVES_SCHEMA)
 
 
-__all__ = ["mine_negatives", "write_negatives"]
+__all__ = ["iter_run_parts", "mine_negatives", "mine_negatives_parquet", "write_negatives"]

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -85,7 +86,6 @@ def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArgumen
         max_grad_norm=cfg.max_grad_norm,
         bf16=bf16,
         fp16=fp16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
@@ -100,9 +100,15 @@ def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArgumen
         save_safetensors=True,
         ddp_find_unused_parameters=False,
     )
+    valid = {f.name for f in dataclasses.fields(TrainingArguments)}
+    # transformers 5.x renamed gradient_checkpointing (now a deprecated alias) to activation_checkpointing.
+    ckpt_key = "activation_checkpointing" if "activation_checkpointing" in valid else "gradient_checkpointing"
+    kwargs[ckpt_key] = cfg.gradient_checkpointing
+    # Without CUDA, transformers sets up DDP under torchrun only when told to run on CPU; otherwise
+    # every rank would silently train on the whole dataset.
+    kwargs["use_cpu"] = not torch.cuda.is_available()
     kwargs.update(overrides)
     # transformers versions differ in which keywords exist; drop the ones this version lacks.
-    valid = {f.name for f in dataclasses.fields(TrainingArguments)}
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in valid})
 
 
@@ -151,4 +157,7 @@ def train_and_save(
             (tmp / "training_log.json").write_text(json.dumps(log, indent=2))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+    if trainer.is_world_process_zero():
+        # The final model is safely in place: resume checkpoints are no longer needed.
+        shutil.rmtree(cfg.work_dir, ignore_errors=True)
     return dict(result.metrics)

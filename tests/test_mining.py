@@ -8,8 +8,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from simlm_core.io import NEGATIVES_SCHEMA, QRELS_SCHEMA, RUN_SCHEMA, read_table, write_run, write_table
-from simlm_core.mining import mine_negatives, write_negatives
+from simlm_core.io import InputError, NEGATIVES_SCHEMA, QRELS_SCHEMA, RUN_SCHEMA, read_table, write_run, write_table
+from simlm_core.mining import iter_run_parts, mine_negatives, mine_negatives_parquet, write_negatives
 
 
 def make_run(spec: dict[str, list[str]]) -> pd.DataFrame:
@@ -243,3 +243,44 @@ def test_empty_inputs(tmp_path):
     assert len(df) == 0 and st["queries_with_positives"] == 0 and st["run_rows_ignored"] == 1
     write_negatives(df, tmp_path / "empty.parquet")
     assert len(read_table(tmp_path / "empty.parquet", NEGATIVES_SCHEMA)) == 0
+
+
+def _lists(df):
+    return [(q, list(p), list(n)) for q, p, n in zip(df.qid, df.positives, df.negatives)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_parquet_parts_equal_whole_run(tmp_path, seed):
+    run, qrels = random_case(seed)
+    path = tmp_path / "run.parquet"
+    write_run(run, path)  # sorted by qid, rank
+    kwargs = dict(top_k=30, window_start=1, num_negatives=5 if seed % 2 else None, seed=seed)
+    whole, st_whole = mine_negatives(run, qrels, **kwargs)
+    for part_rows in (1, 13, 10**6):
+        parted, st = mine_negatives_parquet(path, qrels, part_rows=part_rows, **kwargs)
+        assert _lists(parted) == _lists(whole)
+        for key in ("queries_missing_from_run", "queries_without_negatives", "negatives_total",
+                    "run_rows", "run_rows_ignored", "positives_removed_from_window"):
+            assert st[key] == st_whole[key], key
+        assert st["run_order"] == "sorted"
+    # parts never split a query
+    parts = list(iter_run_parts(path, part_rows=13))
+    seen = [set(p.column("qid").to_pylist()) for p in parts]
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert sum(p.num_rows for p in parts) == len(run)
+
+
+def test_parquet_grouped_and_split_runs(tmp_path):
+    run = make_run({"q2": ["a", "b", "c"], "q1": ["d", "e"], "q3": ["f", "g"]})
+    qrels = make_qrels([("q1", "e", 1), ("q2", "zz", 1), ("q3", "g", 1)])
+    write_table(run, tmp_path / "grouped.parquet", RUN_SCHEMA)  # query blocks in no qid order
+    df, st = mine_negatives_parquet(tmp_path / "grouped.parquet", qrels, part_rows=2)
+    assert _lists(df) == _lists(mine_negatives(run, qrels)[0])
+    assert df.qid.tolist() == ["q1", "q2", "q3"] and st["run_order"] == "grouped"
+    split = pd.concat([run.iloc[:2], run.iloc[3:], run.iloc[2:3]])  # q2's rank 3 at the end
+    write_table(split, tmp_path / "split.parquet", RUN_SCHEMA)
+    with pytest.raises(InputError, match="split.parquet.*'q2'"):
+        mine_negatives_parquet(tmp_path / "split.parquet", qrels, part_rows=2)
+    # in one part the same run is fine (sorted in memory)
+    df, st = mine_negatives_parquet(tmp_path / "split.parquet", qrels, part_rows=100)
+    assert _lists(df) == _lists(mine_negatives(run, qrels)[0]) and st["run_order"] == "unsorted"

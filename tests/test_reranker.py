@@ -200,6 +200,10 @@ def test_save_load_roundtrip_minilm(tmp_path):
                                                                       device="cpu", show_progress=False)
     assert before.dtype == np.float32 and before.shape == (3,)
     np.testing.assert_allclose(before, after, rtol=0, atol=1e-5)
+    # several tokenising threads (the GPU default) give the same scores in the same order
+    threaded = enc.score_pairs(queries, passages, batch_size=1, device="cpu", show_progress=False,
+                               tokenizer_threads=3)
+    np.testing.assert_allclose(before, threaded, rtol=0, atol=1e-5)
 
 
 def test_rerank_run(data, tiny_model, tmp_path):

@@ -272,10 +272,11 @@ def test_demo_dag_runs_every_rule_as_a_slurm_job(slurm_env, tmp_path):
     missing_java = java_missing()
     if missing_java:
         pytest.skip(f"the demo DAG's BM25 stages need Java: {missing_java}")
-    # Fit the 2-core node: one CPU per heavy job so two run side by side (threads are not params,
-    # nothing else changes). A file, since `--config resources="{cpu_threads: 1}"` passes '1' as a string.
+    # Fit the 2-core node: one CPU per heavy job so two run side by side, and no extra
+    # retriever1_nopretrain branch (6 jobs of rules that run anyway; test_workflow's local e2e run
+    # covers that system). A file: `--config resources="{cpu_threads: 1}"` would pass '1' as a string.
     fit = tmp_path / "fit_node.yaml"
-    fit.write_text("resources: {cpu_threads: 1}\n")
+    fit.write_text("resources: {cpu_threads: 1}\npretrain: {compare_without: false}\n")
     args = ["-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile", str(E2E_CONFIG), str(fit)]
 
     dry = subprocess.run(

@@ -98,6 +98,7 @@ def test_epochs_reach_the_dataset(tiny_dataset, tiny_bert_dir, tmp_path):
     assert seen == sorted(seen)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_from_checkpoint(tiny_dataset, tiny_bert_dir, tmp_path):
     values = _args(tiny_dataset, tiny_bert_dir, tmp_path, max_steps=6, save_steps=2, logging_steps=1,
                    save_total_limit=5)

@@ -14,7 +14,10 @@ tokenizer) so any HF tool loads them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -103,12 +106,15 @@ class CrossEncoder:
         device: str | torch.device = "auto",
         bf16: bool = True,
         show_progress: bool = True,
+        tokenizer_threads: int = 1,
     ) -> np.ndarray:
         """Score each (query, passage) pair; returns float32 scores in input order.
 
         Pairs are processed longest first in batches of similar length (less padding); bf16
         autocast is used on CUDA only. The next batch is tokenised in a background thread while
-        the current one runs (on a GPU, tokenisation otherwise takes more time than the model).
+        the current one runs. On an H200 (ELECTRA-base size, len 192, bf16) the model alone does
+        ~9,200 pairs/s and tokenising is the bottleneck: ~3,400-3,700 pairs/s end to end with this
+        overlap, ~3,100 without.
         """
         if len(queries) != len(passages):
             raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
@@ -123,21 +129,29 @@ class CrossEncoder:
         order = np.argsort([-(len(q) + len(p)) for q, p in zip(queries, passages)], kind="stable")
         starts = list(range(0, n, batch_size))
         pad_multiple = 8 if dev.type == "cuda" else None
+        # Extra threads (each with its own tokenizer copy: a fast tokenizer must not be shared
+        # between threads) did not help on an H200: the tokenizer call holds the GIL most of the time.
+        workers = max(1, min(tokenizer_threads, len(starts)))
+        local = threading.local()
 
         def tokenize(start: int):
+            if not hasattr(local, "tokenizer"):
+                local.tokenizer = copy.deepcopy(self.tokenizer) if workers > 1 else self.tokenizer
             idx = order[start:start + batch_size]
-            return tokenize_pairs(self.tokenizer, [queries[i] for i in idx], [passages[i] for i in idx],
+            return tokenize_pairs(local.tokenizer, [queries[i] for i in idx], [passages[i] for i in idx],
                                   max_len=max_len, pad_to_multiple_of=pad_multiple)
 
         outputs = []
         try:
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(tokenize, starts[0])
-                for k in tqdm(range(len(starts)), desc="rerank score", unit="batch", disable=not show_progress,
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                pending = deque(pool.submit(tokenize, s) for s in starts[:workers + 1])
+                submitted = len(pending)
+                for _ in tqdm(range(len(starts)), desc="rerank score", unit="batch", disable=not show_progress,
                               mininterval=5):
-                    batch = pending.result()
-                    if k + 1 < len(starts):
-                        pending = pool.submit(tokenize, starts[k + 1])
+                    batch = pending.popleft().result()
+                    if submitted < len(starts):
+                        pending.append(pool.submit(tokenize, starts[submitted]))
+                        submitted += 1
                     batch = {key: v.to(dev, non_blocking=True) for key, v in batch.items()}
                     with autocast_context(dev, bf16):
                         logits = self.model(**batch).logits
