@@ -220,8 +220,12 @@ def test_mine_negatives_driver(tmp_path):
                 RUN_SCHEMA.remove(3).remove(2))
     from simlm_core.io import InputError
 
-    with pytest.raises(InputError, match="bad.parquet.*rank"):
-        main(["--args-json", json.dumps({**args, "run_path": str(tmp_path / "bad.parquet")})])
+    for part_rows in (None, 1000):
+        with pytest.raises(InputError, match="bad.parquet.*rank"):
+            main(["--args-json", json.dumps({**args, "run_path": str(tmp_path / "bad.parquet"),
+                                             "part_rows": part_rows})])
+    main(["--args-json", json.dumps({**args, "part_rows": None, "out_path": str(tmp_path / "n2.parquet")})])
+    assert read_table(tmp_path / "n2.parquet", NEGATIVES_SCHEMA).equals(neg)
 
 
 def test_unsorted_run_with_huge_rank_values():

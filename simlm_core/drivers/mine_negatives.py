@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from simlm_core.cli import parse_dataclass_cli
 from simlm_core.io import InputError, write_json
-from simlm_core.mining import mine_negatives, write_negatives
+from simlm_core.mining import mine_negatives, mine_negatives_parquet, write_negatives
 
 
 @dataclasses.dataclass
@@ -33,6 +33,9 @@ class MineNegativesArgs:
     num_negatives: int | None = None
     min_relevance: int = 1
     seed: int = 42
+    # Read the run in parts of about this many rows (each query's rows kept together): bounded
+    # memory, same result. null: read the whole run at once (any row order accepted).
+    part_rows: int | None = 20_000_000
 
 
 def _read_columns(path: str, columns: list[str]) -> pa.Table:
@@ -50,14 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_dataclass_cli(MineNegativesArgs, argv)
     # Arrow tables straight into the miner: no pandas string objects for a 100M-row run.
-    run = _read_columns(args.run_path, ["qid", "pid", "rank"])
     qrels = _read_columns(args.qrels_path, ["qid", "pid", "relevance"])
     queries = None
     if args.queries_path:
         queries = _read_columns(args.queries_path, ["qid"]).column("qid").to_pylist()
-    table, stats = mine_negatives(
-        run,
-        qrels,
+    kwargs = dict(
         top_k=args.top_k,
         window_start=args.window_start,
         window_end=args.window_end,
@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         queries=queries,
     )
+    if args.part_rows:
+        _read_columns(args.run_path, [])  # a readable Parquet file, or an error naming it
+        table, stats = mine_negatives_parquet(args.run_path, qrels, part_rows=args.part_rows, **kwargs)
+    else:
+        table, stats = mine_negatives(_read_columns(args.run_path, ["qid", "pid", "rank"]), qrels, **kwargs)
     stats["inputs"] = {"run_path": args.run_path, "qrels_path": args.qrels_path}
     write_negatives(table, args.out_path)
     if args.stats_path:
