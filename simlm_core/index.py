@@ -476,7 +476,11 @@ def search_batches(
         raise ValueError(f"queries have dimension {queries.shape[1]}, the index has {index.d}")
     if len(qids) != queries.shape[0]:
         raise ValueError(f"{len(qids)} qids for {queries.shape[0]} query vectors")
-    qid_arr = pa.array(list(qids) if not isinstance(qids, pa.Array) else qids, type=pa.string())
+    if isinstance(qids, (pa.Array, pa.ChunkedArray)):
+        qid_arr = pa.chunked_array([qids]).combine_chunks() if isinstance(qids, pa.Array) else qids.combine_chunks()
+        qid_arr = qid_arr.cast(pa.string())
+    else:
+        qid_arr = pa.array([q if isinstance(q, str) else str(q) for q in qids], type=pa.string())
     if len(qid_arr.unique()) != len(qid_arr):
         raise ValueError("duplicate qids among the queries")
     if len(ids) != index.ntotal:

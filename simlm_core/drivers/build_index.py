@@ -33,6 +33,7 @@ class BuildIndexArgs:
     recall_k: int = 100
     chunk_size: int = 65536
     seed: int = 42
+    use_gpu: str | bool = "auto"  # IVF k-means on GPU when a faiss GPU build sees one
     stats_path: str | None = None  # optional JSON of the build statistics
 
 
