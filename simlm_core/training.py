@@ -107,6 +107,9 @@ def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArgumen
     # Without CUDA, transformers sets up DDP under torchrun only when told to run on CPU; otherwise
     # every rank would silently train on the whole dataset.
     kwargs["use_cpu"] = not torch.cuda.is_available()
+    # Under DDP an uneven last batch is padded with repeated queries, whose positives would then
+    # count as in-batch negatives of their duplicates: drop it instead.
+    kwargs["dataloader_drop_last"] = int(os.environ.get("WORLD_SIZE", "1")) > 1
     kwargs.update(overrides)
     # transformers versions differ in which keywords exist; drop the ones this version lacks.
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in valid})

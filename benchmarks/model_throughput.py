@@ -1,0 +1,571 @@
+"""Model throughput: corpus encoding, SimLM pre-training and biencoder training, with FLOPs and MFU.
+
+    python benchmarks/model_throughput.py                       # auto device, BERT-base shapes
+    python benchmarks/model_throughput.py --device cuda         # the GPU run: < ~4 min on H100/H200
+    python benchmarks/model_throughput.py --device cpu --model-size tiny   # quick smoke test
+
+Everything is built from configs with random weights (no hub access) and a synthetic WordPiece
+vocabulary of BERT's size (30,522), so it runs offline anywhere. It imports only what it needs
+from ``simlm_core`` (encode, modeling.biencoder, modeling.pretrain, pretraining.RLMCollator): no
+faiss, no Java.
+
+(a) encode    passages/s of ``simlm_core.encode.encode_texts`` (tokenise, length-sort, batch, pad,
+              forward, CLS pool, L2-normalise; bf16 autocast on CUDA) and of
+              ``encode_corpus_shard`` (Parquet -> .npy, tokenising in a helper thread), against a
+              bare Hugging Face forward loop over the SAME pre-tokenised, length-sorted, padded
+              batches already on the device. overhead = encode time / bare time (target <= 1.1x).
+(b) pretrain  ``SimLMForPretraining`` (BERT-base encoder + MLM head, 2-layer decoder, frozen
+              ELECTRA-base-generator-shaped generator: embedding 768, hidden 256, 12 layers,
+              4 heads, FFN 1024) forward + backward + AdamW step on ``RLMCollator`` batches of
+              B x 144 tokens (64 on GPU). The collator's own CPU cost is reported separately.
+(c) biencoder ``BiEncoder`` training step: Q queries x group G passages (16 x 16 on GPU),
+              q 32 / p 144 tokens, contrastive loss with in-batch negatives, AdamW.
+
+FLOPs (analytic, stated in the output): for a transformer encoder with L layers, width h, FFN
+width I over sequences of padded length s (T tokens in all),
+    forward = 2 * T * L * (4h^2 + 2hI)  +  sum over sequences of 4 * L * s^2 * h   (attention scores
+              + context), plus 2 * n * (h^2 + hV) for an MLM head applied to n tokens (V = vocab),
+    training = 3 x forward of the trained parts (forward + backward = 2x forward); the frozen
+              generator counts its forward only (it runs under no_grad).
+Embedding look-ups, LayerNorm, softmax, GELU and the optimizer are not counted (standard MFU
+practice). MFU = achieved FLOP/s / the device's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s;
+``--peak-tflops`` overrides); on CPU the achieved GFLOP/s is reported instead.
+
+GPU timing: warm-up iterations first, then ``torch.cuda.Event`` around the timed loop, with one
+synchronisation before and after it (none inside). Results: ``benchmarks/results/model_throughput-{cpu,cuda}.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402  (also puts the repo root on sys.path)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 30_522
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched against torch's device name.
+PEAKS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
+         ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+         ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.0)]
+
+SIZES = {
+    # encoder (BERT-base), generator (ELECTRA-base generator)
+    "base": {"enc": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+             "gen": dict(embedding_size=768, hidden_size=256, num_hidden_layers=12, num_attention_heads=4,
+                         intermediate_size=1024)},
+    "tiny": {"enc": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+             "gen": dict(embedding_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=1,
+                         intermediate_size=256)},
+}
+# Work per part: (cuda, cpu-base, cpu-tiny)
+DEFAULTS = {
+    "encode_passages": (65_536, 64, 1024),
+    "encode_batch": (512, 32, 128),
+    "pretrain_batch": (64, 4, 16),
+    "bi_queries": (16, 2, 8),
+    "bi_group": (16, 4, 8),
+    "warmup": (3, 1, 2),
+    "iters": (10, 2, 5),
+}
+
+
+# =============================================================================================
+# Synthetic vocabulary and text
+def make_tokenizer(out_dir: Path, seed: int = 0):
+    """A BERT WordPiece tokenizer over 30,522 synthetic entries (specials, letters, ##letters, words)."""
+    from transformers import BertTokenizerFast
+
+    rng = np.random.default_rng(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(letters) + ["##" + c for c in letters]
+    seen = set(vocab)
+    words: list[str] = []
+    while len(vocab) < VOCAB:
+        w = "".join(rng.choice(list(letters), size=int(rng.integers(3, 10))))
+        piece = w if rng.random() < 0.85 else "##" + w
+        if piece not in seen:
+            seen.add(piece)
+            vocab.append(piece)
+            if not piece.startswith("##"):
+                words.append(piece)
+    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
+    tok.save_pretrained(str(out_dir))
+    return tok, words
+
+
+def make_passages(words: list[str], n: int, seed: int, mean_words: float = 52.0, min_words: int = 4,
+                  max_words: int = 240) -> list[str]:
+    """MS MARCO-like passages: lognormal word counts (mean ~56), Zipf word choice, 5% unseen words
+    (split into word pieces), so lengths vary as in the real corpus."""
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(len(words))
+    cdf = np.cumsum(1.0 / (ranks + 2.7))
+    cdf /= cdf[-1]
+    out = []
+    for _ in range(n):
+        k = int(np.clip(round(rng.lognormal(math.log(mean_words), 0.42)), min_words, max_words))
+        idx = np.searchsorted(cdf, rng.random(k))
+        ws = [words[i] for i in idx]
+        for j in np.flatnonzero(rng.random(k) < 0.05):
+            ws[j] = ws[j] + words[int(rng.integers(len(words)))][:3]
+        out.append(" ".join(ws))
+    return out
+
+
+# =============================================================================================
+# FLOPs
+def layer_matmul_params(h: int, inter: int) -> int:
+    return 4 * h * h + 2 * h * inter
+
+
+def encoder_forward_flops(cfg: dict, seq_lens: list[int] | np.ndarray, layers: int | None = None) -> float:
+    """2 * tokens * L * (4h^2 + 2hI) + sum_seq 4 * L * s^2 * h."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    L = cfg["num_hidden_layers"] if layers is None else layers
+    s = np.asarray(seq_lens, dtype=np.float64)
+    return float(2 * s.sum() * L * layer_matmul_params(h, inter) + (4 * L * h * s ** 2).sum())
+
+
+def mlm_head_flops(h: int, n_tokens: float, vocab: int = VOCAB) -> float:
+    return float(2 * n_tokens * (h * h + h * vocab))
+
+
+def generator_forward_flops(g: dict, seq_lens, vocab: int = VOCAB) -> float:
+    """ELECTRA generator: embeddings_project E->h, encoder, generator head h->E, LM head E->V (all tokens)."""
+    e, h = g["embedding_size"], g["hidden_size"]
+    s = np.asarray(seq_lens, dtype=np.float64)
+    proj = 2 * s.sum() * (e * h if e != h else 0)
+    head = 2 * s.sum() * (h * e + e * vocab)
+    return float(proj + encoder_forward_flops(g, s) + head)
+
+
+# =============================================================================================
+# Device, timing
+def resolve(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "cpu: no MFU, achieved GFLOP/s reported"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAKS:
+        if key in name:
+            return value, f"dense bf16 peak of {key}"
+    return None, f"unknown GPU {name!r}: pass --peak-tflops for MFU"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall time, plus CUDA-event time on GPU; synchronises only at the start and the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = self.gpu_seconds = None
+
+    def __enter__(self) -> "Timer":
+        sync(self.device)
+        if self.device.type == "cuda":
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self._end.record()
+            self._end.synchronize()
+            self.gpu_seconds = self._start.elapsed_time(self._end) / 1000.0
+        self.seconds = time.perf_counter() - self._t0
+
+    @property
+    def best(self) -> float:
+        return self.gpu_seconds if self.gpu_seconds is not None else self.seconds
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rate_row(part: str, what: str, shape: str, items: float, unit: str, tokens: float, flops: float,
+             seconds: float, peak: float | None, extra: dict | None = None) -> dict:
+    achieved = flops / seconds if seconds else float("nan")
+    return {
+        "part": part, "what": what, "shape": shape, "seconds": seconds,
+        "items_per_s": items / seconds if seconds else None, "unit": unit,
+        "tokens_per_s": tokens / seconds if seconds else None,
+        "flops": flops, "tflops_per_s": achieved / 1e12, "gflops_per_s": achieved / 1e9,
+        "mfu": (achieved / (peak * 1e12)) if peak else None, **(extra or {}),
+    }
+
+
+# =============================================================================================
+# (a) encoding
+def bench_encode(args, device, size, work: Path, peak) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import BertConfig, BertModel
+
+    from simlm_core.collators import tokenize_passages
+    from simlm_core.encode import encode_corpus_shard, encode_texts, load_encoder
+    from simlm_core.modeling.biencoder import BiEncoder
+
+    n, bs, max_len = args.encode_passages, args.encode_batch, 144
+    tok, words = make_tokenizer(work / "tok")
+    texts = make_passages(words, n, seed=1)
+    items = [("", t) for t in texts]  # MS MARCO: no titles -> [CLS] [SEP] text [SEP]
+
+    model_dir = work / "encoder"
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **SIZES[size]["enc"])
+    BiEncoder(BertModel(cfg, add_pooling_layer=True), tokenizer=tok).save_pretrained(model_dir)
+    t0 = time.perf_counter()
+    model = load_encoder(model_dir, device=device)  # what encode_corpus_shard does first
+    load_s = time.perf_counter() - t0
+    use_bf16 = device.type == "cuda"
+
+    # The same batches encode_texts builds: tokenise, sort longest first, pad each batch to its longest.
+    enc = tokenize_passages(tok, [t for t, _ in items], [x for _, x in items], max_len, "pair")
+    lengths = np.fromiter((len(x) for x in enc["input_ids"]), np.int64, count=n)
+    order = np.argsort(-lengths, kind="stable")
+    batches, widths = [], []
+    for s in range(0, n, bs):
+        idx = order[s : s + bs]
+        w = int(lengths[idx[0]])
+        ids = np.zeros((len(idx), w), np.int64)
+        mask = np.zeros((len(idx), w), np.int64)
+        tt = np.zeros((len(idx), w), np.int64)
+        for r, j in enumerate(idx):
+            k = int(lengths[j])
+            ids[r, :k], mask[r, :k], tt[r, :k] = enc["input_ids"][j], 1, enc["token_type_ids"][j]
+        batches.append(tuple(torch.from_numpy(a).to(device) for a in (ids, mask, tt)))
+        widths += [w] * len(idx)
+    padded_tokens = float(sum(widths))
+    real_tokens = float(lengths.sum())
+    flops = encoder_forward_flops(SIZES[size]["enc"], widths)
+    encoder = model.encoder
+    out = torch.empty((n, model.hidden_size), dtype=torch.float16, device=device)
+
+    def bare() -> None:
+        ac = autocast(device) if use_bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), ac:
+            pos = 0
+            for ids, mask, tt in batches:
+                h = encoder(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state[:, 0]
+                out[pos : pos + len(ids)] = torch.nn.functional.normalize(h.float(), dim=-1).to(out.dtype)
+                pos += len(ids)
+
+    def via_encode() -> None:
+        encode_texts(model, tok, items, max_len=max_len, batch_size=bs, bf16=True)
+
+    # warm-up (kernels, allocator, tokenizer) on a slice
+    warm_items = items[: min(n, 2 * bs)]
+    encode_texts(model, tok, warm_items, max_len=max_len, batch_size=bs, bf16=True)
+    ac = autocast(device) if use_bf16 else contextlib.nullcontext()
+    with torch.inference_mode(), ac:
+        for ids, mask, tt in batches[: 2]:
+            encoder(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    sync(device)
+
+    best_bare, best_enc = math.inf, math.inf
+    times: dict[str, list[float]] = {"bare": [], "encode_texts": []}
+    for _ in range(args.repeats):  # interleaved, best of: robust to a noisy shared machine
+        with Timer(device) as tb:
+            bare()
+        with Timer(device) as te:
+            via_encode()
+        times["bare"].append(tb.best)
+        times["encode_texts"].append(te.best)
+        best_bare, best_enc = min(best_bare, tb.best), min(best_enc, te.best)
+
+    # encode_corpus_shard end to end from a corpus Parquet (model load included, measured apart)
+    corpus = work / "corpus.parquet"
+    pq.write_table(pa.table({"pid": [str(i) for i in range(n)], "title": [""] * n, "text": texts}), corpus)
+    t0 = time.perf_counter()
+    summary = encode_corpus_shard(model_dir, corpus, 0, 1, work / "emb.npy", work / "ids.parquet",
+                                  batch_size=bs, device=device, bf16=True, show_progress=False)
+    shard_s = time.perf_counter() - t0
+    shard_net = max(1e-9, shard_s - load_s)
+
+    shape = f"{n:,} psg, batch {bs}, max_len {max_len}, mean {real_tokens / n:.0f} tok ({padded_tokens / n:.0f} padded)"
+    extra = {"real_tokens": real_tokens, "padded_tokens": padded_tokens, "times": times}
+    rows = [
+        rate_row("encode", "bare HF forward loop", shape, n, "psg", padded_tokens, flops, best_bare, peak, extra),
+        rate_row("encode", "simlm_core.encode.encode_texts", shape, n, "psg", padded_tokens, flops, best_enc, peak,
+                 {"overhead_vs_bare": best_enc / best_bare}),
+        rate_row("encode", "encode_corpus_shard (excl. model load)", shape, n, "psg", padded_tokens, flops,
+                 shard_net, peak, {"overhead_vs_bare": shard_net / best_bare, "wall_incl_load_s": shard_s,
+                                   "model_load_s": load_s, "summary": summary}),
+    ]
+    return rows
+
+
+# =============================================================================================
+# (b) pre-training
+def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
+    from transformers import BertConfig, BertForMaskedLM, ElectraConfig, ElectraForMaskedLM
+
+    from simlm_core.modeling.pretrain import GeneratorReplacer, SimLMForPretraining
+
+    tok, words = make_tokenizer(work / "tok")
+    B, max_len = args.pretrain_batch, 144
+    # Passages long enough to fill 144 tokens: every step is B x 144.
+    texts = make_passages(words, B * 4, seed=2, mean_words=200, min_words=180, max_words=300)
+    examples = [{"title": "", "text": t} for t in texts]
+    try:
+        from simlm_core.pretraining import RLMCollator
+
+        collator = RLMCollator(tok, max_len=max_len, pad_to_multiple_of=8 if device.type == "cuda" else None)
+        collator_name = "simlm_core.pretraining.RLMCollator"
+    except Exception as exc:  # e.g. transformers' Trainer import failing on a bare GPU image
+        print(f"   RLMCollator unavailable ({exc!r}); using simple 30%/50% masks")
+        collator, collator_name = _simple_rlm_collator(tok, max_len), "fallback masks"
+    t0 = time.perf_counter()
+    batches_cpu = [collator(examples[i * B : (i + 1) * B]) for i in range(4)]
+    collate_s = (time.perf_counter() - t0) / 4
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches_cpu]
+
+    torch.manual_seed(0)
+    enc_cfg = SIZES[size]["enc"]
+    gen_cfg = SIZES[size]["gen"]
+    encoder = BertForMaskedLM(BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **enc_cfg))
+    generator = ElectraForMaskedLM(ElectraConfig(vocab_size=VOCAB, max_position_embeddings=512, **gen_cfg))
+    model = SimLMForPretraining(encoder, replacer=GeneratorReplacer(generator), decoder_layers=2).to(device)
+    generator.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0, **({"fused": True} if device.type == "cuda" else {}))
+
+    def step(batch: dict) -> None:
+        with autocast(device):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(args.warmup):
+        step(batches[i % len(batches)])
+    with Timer(device) as t:
+        for i in range(args.iters):
+            step(batches[i % len(batches)])
+    sec = t.best / args.iters
+
+    b0 = batches_cpu[0]
+    s = b0["input_ids"].shape[1] if "input_ids" in b0 else b0["encoder_input_ids"].shape[1]
+    seqs = [s] * B
+    n_lab = float((b0["labels"] != -100).sum())
+    h = enc_cfg["hidden_size"]
+    enc_f = encoder_forward_flops(enc_cfg, seqs) + mlm_head_flops(h, n_lab)
+    dec_f = encoder_forward_flops(enc_cfg, seqs, layers=2) + mlm_head_flops(h, n_lab)
+    gen_f = 2 * generator_forward_flops(gen_cfg, seqs)  # two masked copies, forward only
+    flops = 3 * (enc_f + dec_f) + gen_f
+    tokens = float(B * s)
+    n_params = sum(p.numel() for p in params)
+    row = rate_row("pretrain", "SimLM RLM step (fwd+bwd+AdamW)", f"{B} x {s}, gen frozen", B, "psg", tokens,
+                   flops, sec, peak, {
+                       "step_seconds": sec, "steps_per_s": 1 / sec, "trainable_params": n_params,
+                       "generator_params": sum(p.numel() for p in generator.parameters()),
+                       "flops_split": {"encoder_fwd": enc_f, "decoder_fwd": dec_f, "generator_fwd_x2": gen_f},
+                       "labelled_tokens": n_lab, "collator": collator_name,
+                       "collator_seconds_per_batch": collate_s,
+                       "collator_passages_per_s": B / collate_s,
+                       "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / C.GIB) if device.type == "cuda" else None,
+                   })
+    del model, opt, encoder, generator, batches
+    return [row]
+
+
+def _simple_rlm_collator(tok, max_len: int) -> Callable:
+    def collate(examples):
+        enc = tok([e["title"] for e in examples], [e["text"] for e in examples], truncation=True,
+                  max_length=max_len, padding=True, return_tensors="pt")
+        ids, attn = enc["input_ids"], enc["attention_mask"].bool()
+        special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+        cand = attn & ~special
+        em = cand & (torch.rand(ids.shape) < 0.3)
+        dm = em | (cand & (torch.rand(ids.shape) < 0.2857))
+        out = {"encoder_input_ids": ids.masked_fill(em, tok.mask_token_id),
+               "decoder_input_ids": ids.masked_fill(dm, tok.mask_token_id),
+               "attention_mask": enc["attention_mask"], "labels": ids.masked_fill(~cand, -100),
+               "encoder_mlm_mask": em, "decoder_mlm_mask": dm, "token_type_ids": enc["token_type_ids"]}
+        return out
+
+    return collate
+
+
+# =============================================================================================
+# (c) biencoder training
+def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
+    from transformers import BertConfig, BertModel
+
+    from simlm_core.modeling.biencoder import BiEncoder
+
+    Q, G, lq, lp = args.bi_queries, args.bi_group, 32, 144
+    torch.manual_seed(0)
+    enc_cfg = SIZES[size]["enc"]
+    model = BiEncoder(BertModel(BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **enc_cfg)),
+                      temperature=0.02).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-5, **({"fused": True} if device.type == "cuda" else {}))
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(n: int, s: int) -> dict:
+        ids = torch.randint(5, VOCAB, (n, s), generator=gen)
+        ids[:, 0], ids[:, -1] = 2, 3  # [CLS] ... [SEP]
+        tt = torch.zeros(n, s, dtype=torch.long)
+        if s > 2:
+            tt[:, 2:] = 1  # "[CLS] [SEP] text [SEP]": text segment
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones(n, s, dtype=torch.long, device=device),
+                "token_type_ids": tt.to(device)}
+
+    batches = [(inputs(Q, lq), inputs(Q * G, lp)) for _ in range(2)]
+
+    def step(q: dict, p: dict) -> None:
+        with autocast(device):
+            loss = model(query=q, passage=p).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(args.warmup):
+        step(*batches[i % 2])
+    with Timer(device) as t:
+        for i in range(args.iters):
+            step(*batches[i % 2])
+    sec = t.best / args.iters
+    fwd = encoder_forward_flops(enc_cfg, [lq] * Q) + encoder_forward_flops(enc_cfg, [lp] * (Q * G))
+    fwd += 2 * Q * (Q * G) * enc_cfg["hidden_size"]  # score matrix
+    flops = 3 * fwd
+    tokens = float(Q * lq + Q * G * lp)
+    row = rate_row("biencoder", "BiEncoder step (fwd+bwd+AdamW)", f"{Q} q x group {G}, q {lq} / p {lp}", Q, "query",
+                   tokens, flops, sec, peak, {
+                       "step_seconds": sec, "steps_per_s": 1 / sec, "passages_per_s": Q * G / sec,
+                       "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / C.GIB) if device.type == "cuda" else None,
+                   })
+    del model, opt, batches
+    return [row]
+
+
+PARTS = {"encode": bench_encode, "pretrain": bench_pretrain, "biencoder": bench_biencoder}
+
+
+# =============================================================================================
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--model-size", default="base", choices=list(SIZES))
+    ap.add_argument("--parts", default="encode,pretrain,biencoder")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (dense bf16)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--repeats", type=int, default=None, help="encode: interleaved repeats, best kept (cuda 2, cpu 2)")
+    for key in DEFAULTS:
+        ap.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/model_throughput-<device>.json)")
+    args = ap.parse_args()
+
+    device = resolve(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    col = 0 if device.type == "cuda" else (1 if args.model_size == "base" else 2)
+    for key, vals in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, vals[col])
+    if args.repeats is None:
+        args.repeats = 2
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak, peak_note = peak_tflops(device, args.peak_tflops)
+    import transformers  # noqa: F401  (for the versions in machine_info)
+
+    info = C.machine_info(device.type)
+    print(f"machine: {C.machine_line(info)}")
+    print(f"device {device}, model {args.model_size}, torch threads {torch.get_num_threads()}, peak "
+          f"{peak if peak else '-'} TFLOP/s ({peak_note})")
+    rows: list[dict] = []
+    errors: dict[str, str] = {}
+    t_all = time.perf_counter()
+    C.SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
+    for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
+        print(f"-- {part} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(dir=C.SCRATCH_DIR, prefix=f"mt-{part}-") as work:
+                new = PARTS[part](args, device, args.model_size, Path(work), peak)
+            rows += new
+            for r in new:
+                print(f"   {r['what']}: {r['items_per_s']:.1f} {r['unit']}/s, {r['tokens_per_s']:.0f} tok/s, "
+                      f"{r['gflops_per_s']:.1f} GFLOP/s" + (f", MFU {100 * r['mfu']:.1f}%" if r['mfu'] else ""), flush=True)
+        except Exception as exc:  # one part failing must not hide the others
+            errors[part] = "".join(traceback.format_exception(exc))[-3000:]
+            print(f"   FAILED: {exc!r}", flush=True)
+        print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+    gpu = device.type == "cuda"
+    headers = ["part", "what", "shape", "items/s", "tokens/s", "TFLOP/s" if gpu else "GFLOP/s",
+               "MFU %" if peak else "overhead x"]
+    table_rows = []
+    for r in rows:
+        last = 100 * r["mfu"] if peak and r.get("mfu") is not None else r.get("overhead_vs_bare")
+        table_rows.append([r["part"], r["what"], r["shape"], f"{C.fmt(r['items_per_s'])} {r['unit']}/s",
+                           r["tokens_per_s"], r["tflops_per_s"] if gpu else r["gflops_per_s"], last])
+    print(C.table(headers, table_rows, title=f"== model throughput on {info.get('gpu_name') or info['cpu_model']} "
+                                             f"({args.model_size}; {peak_note})"))
+    for r in rows:
+        if r.get("overhead_vs_bare") is not None:
+            print(f"overhead {r['what']}: {r['overhead_vs_bare']:.3f}x the bare loop (target <= 1.1x on CPU)")
+        if r["part"] == "pretrain":
+            print(f"RLM collator on CPU: {r['collator_seconds_per_batch'] * 1e3:.0f} ms per batch of "
+                  f"{args.pretrain_batch} ({r['collator_passages_per_s']:.0f} psg/s per worker; "
+                  f"model step {r['step_seconds'] * 1e3:.0f} ms)")
+    print("FLOPs: forward = 2*T*L*(4h^2+2hI) + sum_seq 4*L*s^2*h (+ 2*n*(h^2+hV) per MLM head); "
+          "training = 3 x forward (frozen generator: 1 x); embeddings/norms/optimizer not counted")
+    for part, err in errors.items():
+        print(f"\n{part} FAILED:\n{err}")
+    payload = {
+        "benchmark": "model_throughput", "date": C.now_iso(), "machine": info, "device": str(device),
+        "loadavg_end": C.loadavg(), "total_seconds": round(time.perf_counter() - t_all, 1),
+        "settings": vars(args), "peak_tflops": peak, "peak_note": peak_note,
+        "flops_formula": "forward = 2*T*L*(4h^2+2hI) + sum_seq 4*L*s^2*h + MLM heads 2*n*(h^2+hV); "
+                         "training = 3x forward of trained parts + 1x frozen generator forward",
+        "model_shapes": SIZES[args.model_size], "results": rows, "errors": errors,
+    }
+    path = C.write_results("model_throughput", device.type, payload, Path(args.out) if args.out else None)
+    print(f"\nresults: {path} ({time.perf_counter() - t_all:.0f} s)")
+    if errors:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
