@@ -9,7 +9,7 @@ SEED = config["seed"]
 TRAIN_SPLIT = config["dataset"]["train_split"]
 EVAL_SPLITS = list(config["dataset"]["eval_splits"])
 ALL_SPLITS = sorted(set(EVAL_SPLITS) | {TRAIN_SPLIT})
-DENSE_SYSTEMS = ["retriever1", "retriever1_nopretrain", "retriever2", "retriever_distill"]
+DENSE_SYSTEMS = ["zeroshot", "retriever1", "retriever1_nopretrain", "retriever2", "retriever_distill"]
 
 
 wildcard_constraints:
@@ -44,6 +44,8 @@ def core(*modules):
 def enabled_systems():
     """Systems in pipeline order, as the config switches them on."""
     systems = ["bm25", "retriever1"]
+    if config["retriever"]["zero_shot"]:
+        systems.insert(1, "zeroshot")
     if config["pretrain"]["enabled"] and config["pretrain"]["compare_without"]:
         systems.insert(1, "retriever1_nopretrain")
     if config["retriever2"]["enabled"]:

@@ -75,6 +75,36 @@ def train_dense_args(wildcards, output):
     )
 
 
+rule export_zeroshot:
+    """System `zeroshot`: the initial encoder as it is (no fine-tuning), as a baseline row."""
+    input:
+        init=local_model_inputs(base_encoder()),
+        code=core("modeling/biencoder.py"),
+    output:
+        directory(out("zeroshot", "checkpoint")),
+    params:
+        encoder=base_encoder(),
+        pooling=config["retriever"]["pooling"],
+        normalize=config["retriever"]["normalize"],
+        temperature=config["retriever"]["temperature"],
+        passage_format=config["retriever"]["train"].get("passage_format", "pair"),
+        q_max_len=config["encode"]["q_max_len"],
+        p_max_len=config["encode"]["p_max_len"],
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    log:
+        log_path("export_zeroshot"),
+    conda:
+        "../envs/cpu.yaml"
+    script:
+        "../workflow_scripts/export_zeroshot.py"
+
+
+ruleorder: export_zeroshot > train_dense
+
+
 rule train_dense:
     """Contrastive (in-batch + hard negatives) or distillation training of a biencoder."""
     input:
