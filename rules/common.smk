@@ -98,8 +98,12 @@ def train_args(stage, section, **paths):
     return args
 
 
-def launcher(gpus):
-    """python, or torchrun with one process per GPU for data-parallel training."""
+def launcher(wildcards, resources):
+    """python, or torchrun with one process per GPU the job was granted (data-parallel).
+
+    Reads the job's `gpu` resource, not the config, so `--set-resources` / `--resources` overrides
+    and the scheduler's grant stay consistent with the number of processes."""
+    gpus = getattr(resources, "gpu", 0) or 0
     if int(gpus) > 1:
         return f"torchrun --standalone --nproc_per_node {int(gpus)}"
     return "python"

@@ -82,7 +82,7 @@ rule pretrain:
     output:
         directory(out("pretrain", "checkpoint")),
     params:
-        launcher=launcher(config["resources"]["train_gpus"]),
+        launcher=launcher,
         args=lambda wc, output, input: as_json(
             train_args(
                 "pretrain",

@@ -17,7 +17,7 @@ rule train_reranker:
     output:
         directory(out("reranker", "checkpoint")),
     params:
-        launcher=launcher(config["resources"]["train_gpus"]),
+        launcher=launcher,
         args=lambda wc, input, output: as_json(
             train_args(
                 "train_reranker",

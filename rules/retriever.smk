@@ -112,7 +112,7 @@ rule train_dense:
     output:
         directory(out("{system}", "checkpoint")),
     params:
-        launcher=launcher(config["resources"]["train_gpus"]),
+        launcher=launcher,
         args=train_dense_args,
     threads: config["resources"]["cpu_threads"]
     resources:

@@ -5,11 +5,12 @@ Debian's slurm-wlm, slurmdbd, munge and mariadb-server with apt-get when missing
 Snakemake with `--profile profiles/slurm` unchanged and read the jobs back with `sacct`:
 
 (a) a tiny self-contained workflow whose rules carry the project's GPU-stage names, proving the
-    mechanics in about a minute and a half: submission, status polling through sacct, partition and
+    mechanics in about a minute: submission, status polling through sacct, partition and
     account from the profile's environment variables, `gpu: 1` -> --gpus=1 on a GPU partition,
     `gpu: 0` -> a plain CPU job, threads -> --cpus-per-task;
 (b) the project's demo DAG on tests/e2e_config.yaml: every rule of the DAG runs as its own SLURM
-    job and completes.
+    job and completes (about 10 minutes on 2 cores: each job pays two Snakemake start-ups inside
+    SLURM, ~10 s here, plus the executor's status-poll back-off of +10 s per empty poll).
 
 Skipped only when this machine cannot host the cluster (not root, packages not installable, a
 SLURM of its own in /etc/slurm) or lacks the executor plugin. The cluster is stopped at the end of
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -266,6 +266,7 @@ def java_missing() -> str | None:
     return None
 
 
+@pytest.mark.java
 def test_demo_dag_runs_every_rule_as_a_slurm_job(slurm_env, tmp_path):
     if not E2E_CONFIG.exists():
         pytest.skip(f"{E2E_CONFIG.relative_to(REPO)} (the tiny demo config) does not exist yet")
