@@ -294,14 +294,71 @@ def _bm25_quality(run_path: Path, qrels_path: Path) -> dict:
             "recall_at_depth": round(float(len(best) / nq), 4)}
 
 
+_HIST_CLASSES = {"io.anserini.search.ScoredDoc", "java.lang.String", "[B", "[Lio.anserini.search.ScoredDoc;"}
+
+
+def _java_histogram_sampler(stop: threading.Event, out: dict, interval: float) -> None:
+    """Every ``interval`` s, ``jcmd GC.class_histogram`` the SearchCollection JVM (a full GC + live
+    object census): how many hits (ScoredDoc) it holds and their live bytes. Keeps the last sample."""
+    try:
+        from simlm_core.bm25 import find_java
+
+        jcmd = find_java().parent / "jcmd"
+    except Exception:
+        return
+    if not jcmd.is_file():
+        return
+    t0 = time.perf_counter()
+    while not stop.wait(interval):
+        for pid in _descendants(os.getpid()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"SearchCollection" not in cmdline:
+                continue
+            try:
+                res = subprocess.run([str(jcmd), str(pid), "GC.class_histogram"], capture_output=True, text=True,
+                                     timeout=120)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            counts, total = {}, None
+            for line in res.stdout.splitlines():
+                parts = line.split()
+                if len(parts) >= 4 and parts[0].endswith(":") and parts[3] in _HIST_CLASSES:
+                    counts[parts[3]] = (int(parts[1]), int(parts[2]))
+                elif parts[:1] == ["Total"] and len(parts) >= 3:
+                    total = int(parts[2])
+            held = counts.get("io.anserini.search.ScoredDoc", (0, 0))[0]
+            if held:
+                rel = sum(b for _, b in counts.values())
+                out.update(results_held=held, live_bytes_per_result=round(rel / held, 1),
+                           total_live_heap_bytes=total, samples=out.get("samples", 0) + 1,
+                           at_seconds=round(time.perf_counter() - t0, 1))
+
+
 def _bm25_search(work: Path, cfg: dict, split: str, hits: int) -> dict:
     import resource
 
     from simlm_core import bm25
 
     run_path = work / "bm25" / "runs" / f"{split}.parquet"
-    stats = bm25.search(work / "bm25" / "index", work / "data" / "queries" / f"{split}.parquet", run_path,
-                        hits=hits, threads=cfg["threads"], heap=cfg["heap"])
+    hist: dict = {}
+    stop = threading.Event()
+    sampler = None
+    if split == "train" and cfg.get("java_histogram_interval"):
+        sampler = threading.Thread(target=_java_histogram_sampler, args=(stop, hist, cfg["java_histogram_interval"]),
+                                   daemon=True)
+        sampler.start()
+    try:
+        stats = bm25.search(work / "bm25" / "index", work / "data" / "queries" / f"{split}.parquet", run_path,
+                            hits=hits, threads=cfg["threads"], heap=cfg["heap"])
+    finally:
+        stop.set()
+        if sampler is not None:
+            sampler.join(timeout=150)
+    if hist:
+        stats["java_histogram"] = hist
     stats.pop("no_hit_qids", None)
     stats["queries_per_s"] = round(stats["queries"] / stats["search_seconds"], 1) if stats["search_seconds"] else None
     stats["python_seconds"] = round(stats["seconds"] - stats["search_seconds"], 3)
@@ -660,90 +717,110 @@ def _stage_x(stage: str, size: dict) -> float:
 
 
 MEMORY_MODEL = {
-    "prep": "streams row groups (100k rows): ~constant + 8-16 B/passage of id hashes",
-    "bm25_index": "JVM heap (-Xmx; default 1/4 of RAM) + Lucene buffers; Python side streams",
-    "bm25_search": "JVM heap + the index memory-mapped (file pages, evictable); run rows small",
-    "bm25_search_train": "Python: whole TREC run -> Arrow -> pandas objects: linear in run rows",
-    "mine_small": "whole run in memory (Arrow): linear in run rows",
-    "mine_large": "one part (part_rows) + all parts' negatives: linear in output",
-    "passage_store": "whole corpus decoded into RAM (Arrow table): linear in text bytes",
-    "faiss_build": "flat index in RAM: N x D x 4 B (flat_fp16: x 2 B) + the file write",
-    "faiss_search": "flat index read into RAM: N x D x 4 B",
-    "faiss_search_mmap": "index memory-mapped: file pages (evictable), anon ~constant",
+    "prep": "streams 100k-row groups: base + per-passage id hashes (slope of the two sizes)",
+    "bm25_index": "JVM: bounded by -Xmx (+~1 GiB off-heap), not by N; Python side streams",
+    "bm25_search": "JVM heap + index memory-mapped (file pages): ~constant in N",
+    "bm25_search_train": "max(JVM: live B/result x results x 1.5 GC headroom, Python: B/row x rows)",
+    "mine_small": "whole run in memory (part_rows=null): base + B/row x rows",
+    "mine_large": "one part (20M rows) + kept negatives of every part (x2 for the final concat)",
+    "passage_store": "whole corpus decoded in RAM per process: base + B/passage x passages (x words)",
+    "faiss_build": "IndexFlatIP in RAM: measured + (N - n) x D x 4 B",
+    "faiss_search": "IndexFlatIP read into RAM: measured + (N - n) x D x 4 B",
+    "faiss_search_mmap": "anon ~constant; the index file (N x D x 4 B) as evictable page cache",
     "faiss_exact": "one 65,536-row chunk at a time: ~constant",
 }
 TIME_MODEL = {
-    "prep": "linear in text", "bm25_index": "linear in text (Lucene merges ~N log N)",
-    "bm25_search": "linear in N (postings length) per query", "bm25_search_train": "linear in N x queries",
+    "prep": "linear in text", "bm25_index": "linear in text (Lucene merges add ~log N)",
+    "bm25_search": "per query linear in N (upper bound: top-1000 BM25 prunes)",
+    "bm25_search_train": "per query linear in N (upper bound; measured nearly flat: hits' stored-field reads dominate)",
     "mine_small": "linear in run rows", "mine_large": "linear in run rows",
-    "passage_store": "open: linear in text; get(): see report", "faiss_build": "linear in N",
-    "faiss_search": "linear in N x queries", "faiss_search_mmap": "linear in N x queries",
-    "faiss_exact": "linear in N x queries",
+    "passage_store": "open linear in text; each get() call also O(N) (hash of all pids)",
+    "faiss_build": "linear in N", "faiss_search": "linear in N", "faiss_search_mmap": "linear in N",
+    "faiss_exact": "linear in N",
 }
+# Live JVM bytes per retrieved hit that Anserini's SearchCollection holds until the end of a run
+# (ScoredDoc + docid String + its byte[]), from `jcmd <pid> GC.class_histogram` during a 100k-query
+# top-200 search on this machine (2.94M hits held: 264 MB -> 90 B/hit). Used when the stage did not
+# sample it itself (no jcmd).
+JAVA_LIVE_BYTES_PER_RESULT = 90.0
+JVM_OVERHEAD = 1.0 * C.GIB  # metaspace, code cache, thread stacks, GC structures beyond -Xmx
+
+
+def _default_heap_bytes() -> float:
+    return (C.total_memory_gib() or 24) * C.GIB / 4  # the JVM's default -Xmx: 1/4 of RAM
 
 
 def extrapolate(sizes: list[dict], dim: int) -> list[dict]:
-    """Per stage: time and peak memory at 8.8M and 21M passages (see MEMORY_MODEL/TIME_MODEL)."""
+    """Per stage: minutes and peak memory at 8.8M (MS MARCO) and 21M (psgs_w100) passages.
+
+    Time: ``t_prop`` scales the largest measured size proportionally to the stage's size
+    variable (an upper bound where there is a fixed cost); ``t_fit`` uses the straight line
+    through the two sizes when there are two (noisy on a shared machine: both are printed).
+    Memory: per stage, see MEMORY_MODEL.
+    """
     rows = []
-    ok_sizes = lambda st: [s for s in sizes if s["stages"].get(st, {}).get("ok")]  # noqa: E731
     for stage in STAGES:
         if stage in SYNTHETIC:
             continue
-        pts = sorted(ok_sizes(stage), key=lambda s: _stage_x(stage, s))
+        pts = sorted([sz for sz in sizes if sz["stages"].get(stage, {}).get("ok")], key=lambda sz: _stage_x(stage, sz))
         if not pts:
             continue
         big = pts[-1]
-        r = big["stages"][stage]
+        cfg, r = big["cfg"], big["stages"][stage]
+        m = r.get("metrics", {})
         x1, t1, m1 = _stage_x(stage, big), r["wall_seconds"], _peak(r)
         two = len(pts) >= 2 and _stage_x(stage, pts[0]) < x1
-        # time = a + b * x: fitted through the two sizes when there are two (a = fixed cost such as
-        # JVM start-up), else proportional to x; memory slope only from two sizes.
-        a, b = 0.0, t1 / x1
+        fit = None
         mem_slope = None
         if two:
             r0 = pts[0]["stages"][stage]
-            x0, t0, m0 = _stage_x(stage, pts[0]), r0["wall_seconds"], _peak(r0)
-            mem_slope = max(0.0, (m1 - m0) / (x1 - x0))
-            b_fit = max(0.0, (t1 - t0) / (x1 - x0))
-            if t1 - b_fit * x1 >= 0:
-                a, b = t1 - b_fit * x1, b_fit
-
-        def T(xt: float, qratio: float = 1.0) -> float:
-            return a + b * xt * qratio
+            x0, t0 = _stage_x(stage, pts[0]), r0["wall_seconds"]
+            b = (t1 - t0) / (x1 - x0)
+            fit = (t1 - b * x1, b) if b > 0 and t1 - b * x1 >= 0 else None
+            mem_slope = max(0.0, (m1 - _peak(r0)) / (x1 - x0))
         row = {"stage": stage, "measured_x": x1, "measured_seconds": t1, "measured_peak_bytes": m1,
-               "time_model": TIME_MODEL[stage], "memory_model": MEMORY_MODEL[stage], "targets": {}}
-        for label, n_target, q_train, q_eval, words in (
+               "two_sizes": two, "time_model": TIME_MODEL[stage], "memory_model": MEMORY_MODEL[stage],
+               "targets": {}}
+        for label, n_t, q_train, q_eval, words in (
             ("msmarco_8.8M", MSMARCO_PASSAGES, MSMARCO_TRAIN_QUERIES, MSMARCO_DEV_QUERIES, 1.0),
             ("psgs_w100_21M", PSGS_W100_PASSAGES, NQ_TRAIN_QUERIES, NQ_TEST_QUERIES, PSGS_WORDS_FACTOR),
         ):
-            cfg = big["cfg"]
             note = ""
-            if stage in ("prep", "bm25_index", "passage_store"):
-                xt = n_target * words
-                t = T(xt)
-                mem = m1 + mem_slope * (xt - x1) if two else (m1 * xt / x1 if stage == "passage_store" else m1)
-                note = "" if two else ("linear (one point)" if stage == "passage_store" else "assumed constant (one point)")
-            elif stage == "bm25_search":
-                # eval queries at full corpus depth: per-query time ~ N (postings) x words
-                t = T(n_target * words, q_eval / cfg["queries"])
-                mem = m1 + mem_slope * (n_target - x1) if two else m1
-            elif stage == "bm25_search_train":
-                # time ~ N x queries; Python memory ~ run rows (bytes/row from the two searches)
-                m = r.get("metrics", {})
-                t = T(n_target * words, q_train / max(1, cfg["train_queries"]))
-                rows_meas = m.get("rows") or 1
-                dev = big["stages"].get("bm25_search", {}).get("metrics", {})
-                py1, py0 = m.get("python_maxrss_bytes", 0), dev.get("python_maxrss_bytes", 0)
-                rows0 = dev.get("rows", 0)
-                bpr = (py1 - py0) / (rows_meas - rows0) if rows_meas > rows0 and py0 else py1 / rows_meas
-                rows_t = q_train * cfg["mine_depth"]
-                mem = max(m.get("java_maxrss_bytes", 0), py1 + bpr * (rows_t - rows_meas))
-                note = f"{rows_t / 1e6:.1f}M run rows at {bpr:.0f} B/row (Python side)"
+            q_ratio = 1.0
+            if stage in ("prep", "bm25_index", "passage_store", "bm25_search", "bm25_search_train"):
+                xt = n_t * words
+                if stage == "bm25_search":
+                    q_ratio = q_eval / cfg["queries"]
+                elif stage == "bm25_search_train":
+                    q_ratio = q_train / max(1, cfg["train_queries"])
             elif stage in ("mine_small", "mine_large"):
+                xt = float(q_train * cfg["mine_depth"])
+            else:
+                xt = float(n_t)
+            t_prop = t1 * xt / x1 * q_ratio
+            t_fit = (fit[0] + fit[1] * xt) * q_ratio if fit else None
+
+            if stage in ("prep", "passage_store"):
+                per = mem_slope if two else (m1 / x1 if stage == "passage_store" else 0.0)
+                mem = m1 + per * (xt - x1)
+                note = f"{per:.0f} B/passage" + ("" if two else " (one size: assumed)")
+            elif stage in ("bm25_index", "bm25_search"):
+                heap = _parse_heap(cfg.get("heap")) or _default_heap_bytes()
+                mem = max(m1, min(heap + JVM_OVERHEAD, m1 + (mem_slope or 0.0) * (xt - x1)))
+                note = f"<= -Xmx {heap / C.GIB:.1f} GiB + ~1 GiB"
+            elif stage == "bm25_search_train":
                 rows_t = q_train * cfg["mine_depth"]
-                t = T(rows_t)
-                m = r.get("metrics", {})
-                # bytes per run row while a whole run (one part) is in memory: from the two runs
+                rows_m = m.get("rows") or 1
+                dev = big["stages"].get("bm25_search", {}).get("metrics", {})
+                py1, py0, rows0 = m.get("python_maxrss_bytes", 0), dev.get("python_maxrss_bytes", 0), dev.get("rows", 0)
+                bpr = (py1 - py0) / (rows_m - rows0) if rows_m > rows0 and py0 else py1 / rows_m
+                py_t = py1 + bpr * (rows_t - rows_m)
+                jb = (m.get("java_histogram") or {}).get("live_bytes_per_result") or JAVA_LIVE_BYTES_PER_RESULT
+                java_live = jb * rows_t
+                mem = max(py_t, 1.5 * java_live + JVM_OVERHEAD)
+                note = (f"{rows_t / 1e6:.1f}M results: JVM live {java_live / C.GIB:.1f} GiB ({jb:.0f} B/result, needs "
+                        f"-Xmx >= ~{1.5 * java_live / C.GIB:.0f}g), Python {py_t / C.GIB:.1f} GiB ({bpr:.0f} B/row)")
+            elif stage in ("mine_small", "mine_large"):
                 st = big["stages"]
                 small, large = st.get("mine_small", {}), st.get("mine_large", {})
                 if small.get("ok") and large.get("ok"):
@@ -753,27 +830,34 @@ def extrapolate(sizes: list[dict], dim: int) -> list[dict]:
                     bpr = m1 / x1
                 if stage == "mine_large" and m.get("part_rows"):
                     part = m["part_rows"]
-                    parts = max(1, math.ceil(rows_t / part))
-                    out_per_row = m.get("output_bytes_in_memory", 0) / max(1, x1)
-                    # one part's working set + every part's kept negatives (+ the final concat copy)
-                    mem = m1 + bpr * max(0.0, min(rows_t, part) - x1) + 2 * out_per_row * max(0.0, rows_t - min(x1, part))
-                    note = f"{rows_t / 1e6:.1f}M run rows in {parts} part(s) of {part / 1e6:.0f}M"
+                    out_per_row = m.get("output_bytes_in_memory", 0) / max(1.0, x1)
+                    mem = (m1 + bpr * max(0.0, min(xt, part) - x1)
+                           + 2 * out_per_row * max(0.0, xt - min(x1, part)))
+                    note = f"{xt / 1e6:.1f}M run rows in {math.ceil(xt / part)} part(s) of {part / 1e6:.0f}M"
                 else:
-                    mem = m1 + bpr * (rows_t - x1)
-                    note = f"{rows_t / 1e6:.1f}M run rows all in memory (part_rows=null), {bpr:.0f} B/row"
-            elif stage.startswith("faiss"):
-                t = T(n_target)
-                if stage in ("faiss_build", "faiss_search"):
-                    per = 2 if cfg["faiss_index"] == "flat_fp16" else 4
-                    mem = m1 + (n_target - x1) * dim * per
-                    note = f"N x {dim} x {per} B"
-                else:
-                    mem = m1 + mem_slope * (n_target - x1) if two else m1
-            else:  # pragma: no cover
-                continue
-            row["targets"][label] = {"seconds": t, "peak_bytes": mem, "note": note}
+                    mem = m1 + bpr * (xt - x1)
+                    note = f"{xt / 1e6:.1f}M run rows all in memory, {bpr:.0f} B/row"
+            elif stage in ("faiss_build", "faiss_search"):
+                per = 2 if cfg["faiss_index"] == "flat_fp16" else 4
+                mem = m1 + (xt - x1) * dim * per
+                note = f"index {xt * dim * per / C.GIB:.1f} GiB in RAM"
+            elif stage == "faiss_search_mmap":
+                mem = float(r["peak_tree_anon_bytes"]) + (xt * dim * 4 if cfg["faiss_index"] == "flat" else xt * dim * 2)
+                note = f"anon {r['peak_tree_anon_bytes'] / C.GIB:.2f} GiB + index file as page cache"
+            else:  # faiss_exact
+                mem = m1
+                note = "bounded"
+            row["targets"][label] = {"x": xt, "seconds_proportional": t_prop, "seconds_two_point": t_fit,
+                                     "peak_bytes": mem, "note": note}
         rows.append(row)
     return rows
+
+
+def _parse_heap(heap: str | None) -> float | None:
+    if not heap:
+        return None
+    unit = {"k": 2**10, "m": 2**20, "g": 2**30}.get(heap[-1].lower(), 1)
+    return float(heap[:-1] if heap[-1].isalpha() else heap) * unit
 
 
 # =============================================================================================
@@ -828,12 +912,27 @@ def print_extrapolation(ex: list[dict]) -> None:
     rows = []
     for r in ex:
         a, b = r["targets"].get("msmarco_8.8M", {}), r["targets"].get("psgs_w100_21M", {})
-        rows.append([r["stage"], a.get("seconds", 0) / 60, _gib(a.get("peak_bytes")), b.get("seconds", 0) / 60,
-                     _gib(b.get("peak_bytes")), a.get("note") or r["memory_model"]])
-    print(C.table(["stage", "8.8M min", "8.8M peak GiB", "21M min", "21M peak GiB", "memory assumption"],
-                  rows, title="== extrapolation (time: linear as stated per stage, same 2-core machine; "
-                              "21M scaled by 100/56 words per passage where cost follows text)"))
-    print("time models: " + "; ".join(f"{r['stage']}: {r['time_model']}" for r in ex))
+        m = lambda v: None if v is None else v / 60  # noqa: E731
+        rows.append([r["stage"], m(a.get("seconds_proportional")), m(a.get("seconds_two_point")),
+                     _gib(a.get("peak_bytes")), m(b.get("seconds_proportional")), _gib(b.get("peak_bytes")),
+                     a.get("note", "")])
+    print(C.table(["stage", "8.8M min (prop.)", "8.8M min (2-pt fit)", "8.8M peak GiB", "21M min (prop.)",
+                   "21M peak GiB", "8.8M memory note"], rows,
+                  title="== extrapolation to MS MARCO 8.8M (502,939 train / 6,980 dev queries) and psgs_w100 21M "
+                        "(58,880 train / 3,610 test; text stages x100/56 words), same 2-core machine"))
+    print("time: 'prop.' = largest size scaled linearly (upper bound where fixed costs exist); '2-pt fit' = line "
+          "through both sizes (shown when its slope is positive; noisy on a shared machine)")
+    for r in ex:
+        print(f"  {r['stage']}: time {r['time_model']}; memory {r['memory_model']}")
+
+
+def from_json(path: Path) -> None:
+    payload = json.loads(path.read_text())
+    print(f"machine: {C.machine_line(payload['machine'])} ({payload['date']})")
+    for size in payload["sizes"]:
+        print_size(size)
+    print_growth(payload["sizes"])
+    print_extrapolation(extrapolate(payload["sizes"], payload["settings"]["dim"]))
 
 
 def main() -> None:
@@ -854,6 +953,8 @@ def main() -> None:
     ap.add_argument("--faiss-topk", type=int, default=1000)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=200_000)
+    ap.add_argument("--java-histogram-interval", type=float, default=60.0,
+                    help="bm25_search_train: seconds between jcmd heap censuses of the JVM (0: off; each forces a full GC)")
     ap.add_argument("--stages", default="all", help=f"comma-separated subset of {','.join(STAGES)}")
     ap.add_argument("--skip", default="", help="stages to leave out")
     ap.add_argument("--stage-timeout", type=float, default=None, help="seconds before a stage is killed")
@@ -861,12 +962,16 @@ def main() -> None:
     ap.add_argument("--scratch", default=str(C.SCRATCH_DIR))
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/scale-cpu.json)")
+    ap.add_argument("--from-json", default=None, help="print the tables of a results file again (no run)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_work", help=argparse.SUPPRESS)
     ap.add_argument("--_cfg", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         child_main(args._child, Path(args._work), Path(args._cfg))
+        return
+    if args.from_json:
+        from_json(Path(args.from_json))
         return
 
     wanted = STAGES if args.stages == "all" else [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -901,7 +1006,7 @@ def main() -> None:
             "heap": args.heap, "faiss_n": faiss_n, "faiss_index": args.faiss_index,
             "faiss_shards": args.faiss_shards or max(1, math.ceil(faiss_n / 250_000)),
             "faiss_queries": args.faiss_queries, "faiss_topk": args.faiss_topk, "dim": args.dim,
-            "vocab": args.vocab, "seed": args.seed,
+            "vocab": args.vocab, "seed": args.seed, "java_histogram_interval": args.java_histogram_interval,
         }
         work = Path(args.scratch) / f"scale-{n}-{os.getpid()}"
         for sub in ("results", "logs"):
