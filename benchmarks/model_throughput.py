@@ -303,9 +303,11 @@ def bench_encode(args, device, size, work: Path, peak) -> list[dict]:
     sync(device)
     load_s = time.perf_counter() - t0
     del model2
-    # Chunks of n/8 passages so the tokeniser thread overlaps the device as in a full-size shard
-    # (the library default, 50,000, would leave a 65k-passage sample with two chunks).
-    chunk_rows = max(bs, n // 8)
+    # Chunk size of encode_corpus_shard (passages length-sorted and tokenised together). CUDA: n/4
+    # (>= 16 batches) so the tokeniser thread overlaps the device as in a full-size shard, where
+    # the library default 50,000 gives ~22 chunks; CPU: the library default (one chunk here, hence
+    # the very batches of the bare loop). --chunk-rows overrides.
+    chunk_rows = args.chunk_rows or (max(16 * bs, n // 4) if device.type == "cuda" else 50_000)
     corpus = work / "corpus.parquet"
     pq.write_table(pa.table({"pid": [str(i) for i in range(n)], "title": [""] * n, "text": texts}), corpus)
 
@@ -522,6 +524,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (dense bf16)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=None, help="encode: interleaved repeats, best kept (cuda 2, cpu 3)")
+    ap.add_argument("--chunk-rows", type=int, default=None, help="encode_corpus_shard chunk_rows (default: cuda n/4, cpu 50,000)")
     ap.add_argument("--cpu-bf16-probe", type=int, default=1, help="cpu: also time the bare loop under bf16 autocast (0: off)")
     for key in DEFAULTS:
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=None)

@@ -70,15 +70,19 @@ QUESTION_WORDS = ["what", "how", "who", "when", "which", "where", "why", "does",
 
 STAGES = [
     "generate", "prep", "gen_runs", "bm25_index", "bm25_search", "bm25_search_train",
-    "mine_small", "mine_large", "passage_store", "faiss_shards", "faiss_build", "faiss_search",
+    "mine_small", "mine_large", "passage_store", "corpus_stream", "corpus_stream_nobuf", "run_stream",
+    "run_stream_nobuf", "faiss_shards", "faiss_build", "faiss_search",
     "faiss_search_mmap", "faiss_exact",
 ]
 SYNTHETIC = {"generate", "gen_runs", "faiss_shards"}
+# Diagnostic stages (how the Parquet reader's buffering behaves): measured, not extrapolated.
+DIAGNOSTIC = {"corpus_stream", "corpus_stream_nobuf", "run_stream", "run_stream_nobuf"}
 # A stage is skipped when one it needs did not succeed.
 NEEDS = {
     "prep": ["generate"], "gen_runs": ["prep"], "bm25_index": ["prep"], "bm25_search": ["bm25_index"],
     "bm25_search_train": ["bm25_index"], "mine_small": ["gen_runs"], "mine_large": ["gen_runs"],
-    "passage_store": ["prep"], "faiss_build": ["faiss_shards"], "faiss_search": ["faiss_build"],
+    "passage_store": ["prep"], "corpus_stream": ["prep"], "corpus_stream_nobuf": ["prep"],
+    "run_stream": ["gen_runs"], "run_stream_nobuf": ["gen_runs"], "faiss_build": ["faiss_shards"], "faiss_search": ["faiss_build"],
     "faiss_search_mmap": ["faiss_build"], "faiss_exact": ["faiss_shards"],
 }
 
@@ -432,39 +436,89 @@ def stage_passage_store(work: Path, cfg: dict) -> dict:
 
     from simlm_core.io import PassageStore
 
+    import resource
+
     t0 = time.perf_counter()
     store = PassageStore(work / "data" / "corpus.parquet")
     open_s = time.perf_counter() - t0
-    table_bytes = store.table.nbytes
+    out: dict = {
+        "passages": len(store),
+        "open_seconds": round(open_s, 3),
+        "table_bytes_in_memory": int(store.table.nbytes),
+        "text_chunks": store.table.column("text").num_chunks,
+        "maxrss_after_open_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     # The reranker's access pattern: the 200 candidates of each of 1,000 queries, 64 queries a call.
     run = pq.read_table(work / "runs" / "small.parquet", columns=["pid"]).column("pid").to_pylist()
     per_call = 64 * cfg["mine_depth"]
-    t1 = time.perf_counter()
-    got = 0
-    calls = 0
-    for s in range(0, len(run), per_call):
-        got += len(store.get(run[s : s + per_call]))
-        calls += 1
-    get_s = time.perf_counter() - t1
-    # Latency of a small lookup (one query's worth, as an interactive caller would do).
-    rng = np.random.default_rng(cfg["seed"])
-    few = [str(x) for x in rng.integers(0, len(store), size=10)]
-    t2 = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        store.get(few)
-    small_s = (time.perf_counter() - t2) / reps
-    return {
-        "passages": len(store),
-        "open_seconds": round(open_s, 3),
-        "table_bytes_in_memory": int(table_bytes),
-        "lookups": got,
-        "get_calls": calls,
-        "get_seconds": round(get_s, 3),
-        "passages_per_s": round(got / get_s, 1),
-        "seconds_per_get_call": round(get_s / calls, 4),
-        "seconds_per_get_of_10": round(small_s, 4),
-    }
+    try:
+        # Latency of a small lookup (one query's worth, as an interactive caller would do).
+        rng = np.random.default_rng(cfg["seed"])
+        few = [str(x) for x in rng.integers(0, len(store), size=10)]
+        t2 = time.perf_counter()
+        reps = 5
+        for _ in range(reps):
+            store.rows(few)
+        out["seconds_per_rows_of_10"] = round((time.perf_counter() - t2) / reps, 4)
+        t2 = time.perf_counter()
+        for _ in range(reps):
+            store.get(few)
+        out["seconds_per_get_of_10"] = round((time.perf_counter() - t2) / reps, 4)
+        t1 = time.perf_counter()
+        got = calls = 0
+        for s in range(0, len(run), per_call):
+            got += len(store.get(run[s : s + per_call]))
+            calls += 1
+        get_s = time.perf_counter() - t1
+        out.update(lookups=got, get_calls=calls, get_seconds=round(get_s, 3),
+                   passages_per_s=round(got / get_s, 1), seconds_per_get_call=round(get_s / calls, 4))
+    except Exception as exc:  # record the library's failure with the memory figures, exit non-zero
+        out["library_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        out["_exit_code"] = 3
+    return out
+
+
+def _stream(path: Path, columns: list[str], batch_size: int, pre_buffer: bool | None) -> dict:
+    """Iterate a Parquet file batch by batch doing nothing else: the reader's own memory."""
+    import resource
+
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    pf = pq.ParquetFile(path) if pre_buffer is None else pq.ParquetFile(path, pre_buffer=pre_buffer)
+    rows = 0
+    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+        rows += batch.num_rows
+    sec = time.perf_counter() - t0
+    return {"file": path.name, "file_bytes": path.stat().st_size, "rows": rows, "seconds": round(sec, 3),
+            "row_groups": pf.num_row_groups, "pre_buffer": "default" if pre_buffer is None else pre_buffer,
+            "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def stage_corpus_stream(work: Path, cfg: dict) -> dict:
+    """What io.iter_corpus_batches does (bm25._write_collection, corpus_arrow_cache, ...)."""
+    import resource
+
+    from simlm_core.io import iter_corpus_batches
+
+    t0 = time.perf_counter()
+    rows = sum(b.num_rows for b in iter_corpus_batches(work / "data" / "corpus.parquet"))
+    path = work / "data" / "corpus.parquet"
+    return {"file_bytes": path.stat().st_size, "rows": rows, "seconds": round(time.perf_counter() - t0, 3),
+            "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def stage_corpus_stream_nobuf(work: Path, cfg: dict) -> dict:
+    return _stream(work / "data" / "corpus.parquet", ["pid", "title", "text"], 10_000, pre_buffer=False)
+
+
+def stage_run_stream(work: Path, cfg: dict) -> dict:
+    """The read pattern of mining.iter_run_parts (ParquetFile defaults, 1M-row batches)."""
+    return _stream(work / "runs" / "large.parquet", ["qid", "pid", "rank"], 1_000_000, pre_buffer=None)
+
+
+def stage_run_stream_nobuf(work: Path, cfg: dict) -> dict:
+    return _stream(work / "runs" / "large.parquet", ["qid", "pid", "rank"], 1_000_000, pre_buffer=False)
 
 
 def _faiss_paths(work: Path, cfg: dict) -> tuple[list[Path], list[Path]]:
@@ -570,7 +624,11 @@ def child_main(stage: str, work: Path, cfg_path: Path) -> None:
     t0 = time.perf_counter()
     result = STAGE_FUNCS[stage](work, cfg)
     result["child_seconds"] = round(time.perf_counter() - t0, 3)
+    code = result.pop("_exit_code", 0)
     (work / "results" / f"{stage}.json").write_text(json.dumps(result, default=C._json_default))
+    if code:
+        print(f"{stage}: the library call failed: {result.get('library_error')}", file=sys.stderr)
+        sys.exit(code)
 
 
 # =============================================================================================
@@ -690,9 +748,9 @@ def run_stage(stage: str, work: Path, cfg_path: Path, timeout: float | None) -> 
         "log": str(log_path),
     }
     out = work / "results" / f"{stage}.json"
-    if res["ok"] and out.is_file():
-        res["metrics"] = json.loads(out.read_text())
-    else:
+    if out.is_file() and out.stat().st_mtime >= time.time() - wall - 5:
+        res["metrics"] = json.loads(out.read_text())  # kept on failure too (memory up to the error)
+    if not (res["ok"] and "metrics" in res):
         res["ok"] = False
         res["error_tail"] = log_path.read_text(errors="replace")[-3000:]
     return res
@@ -724,6 +782,10 @@ MEMORY_MODEL = {
     "mine_small": "whole run in memory (part_rows=null): base + B/row x rows",
     "mine_large": "one part (20M rows) + kept negatives of every part (x2 for the final concat)",
     "passage_store": "whole corpus decoded in RAM per process: base + B/passage x passages (x words)",
+    "corpus_stream": "io.iter_corpus_batches: pyarrow pre_buffer keeps the read file in RAM: ~ Parquet size",
+    "corpus_stream_nobuf": "pre_buffer=False: ~constant",
+    "run_stream": "ParquetFile defaults (iter_run_parts): ~ Parquet size",
+    "run_stream_nobuf": "pre_buffer=False: ~constant",
     "faiss_build": "IndexFlatIP in RAM: measured + (N - n) x D x 4 B",
     "faiss_search": "IndexFlatIP read into RAM: measured + (N - n) x D x 4 B",
     "faiss_search_mmap": "anon ~constant; the index file (N x D x 4 B) as evictable page cache",
@@ -735,6 +797,8 @@ TIME_MODEL = {
     "bm25_search_train": "per query linear in N (upper bound; measured nearly flat: hits' stored-field reads dominate)",
     "mine_small": "linear in run rows", "mine_large": "linear in run rows",
     "passage_store": "open linear in text; each get() call also O(N) (hash of all pids)",
+    "corpus_stream": "linear in text", "corpus_stream_nobuf": "linear in text", "run_stream": "linear in rows",
+    "run_stream_nobuf": "linear in rows",
     "faiss_build": "linear in N", "faiss_search": "linear in N", "faiss_search_mmap": "linear in N",
     "faiss_exact": "linear in N",
 }
@@ -760,7 +824,7 @@ def extrapolate(sizes: list[dict], dim: int) -> list[dict]:
     """
     rows = []
     for stage in STAGES:
-        if stage in SYNTHETIC:
+        if stage in SYNTHETIC or stage in DIAGNOSTIC:
             continue
         pts = sorted([sz for sz in sizes if sz["stages"].get(stage, {}).get("ok")], key=lambda sz: _stage_x(stage, sz))
         if not pts:
@@ -884,8 +948,9 @@ def print_size(size: dict) -> None:
                         f"{cfg['faiss_index']}); * = synthetic input, not a pipeline stage"))
     for stage, r in size["stages"].items():
         if not r["ok"]:
+            why = r.get("metrics", {}).get("library_error")
             print(f"\n{stage} FAILED (rc {r['returncode']}, timed out {r['timed_out']}); log {r['log']}:\n"
-                  + r.get("error_tail", "")[-1500:])
+                  + (why or r.get("error_tail", "")[-1500:]))
 
 
 def print_growth(sizes: list[dict]) -> None:
@@ -935,6 +1000,28 @@ def from_json(path: Path) -> None:
     print_extrapolation(extrapolate(payload["sizes"], payload["settings"]["dim"]))
 
 
+def reuse_main(args) -> None:
+    work = Path(args.reuse)
+    cfg_path = work / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    for sub in ("results", "logs"):
+        (work / sub).mkdir(exist_ok=True)
+    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    info = C.machine_info("cpu")
+    print(f"machine: {C.machine_line(info)}\nreusing {work} ({cfg['passages']:,} passages): {', '.join(wanted)}")
+    size = {"cfg": cfg, "work": str(work), "stages": {}, "reused": True}
+    for stage in wanted:
+        res = run_stage(stage, work, cfg_path, args.stage_timeout)
+        size["stages"][stage] = res
+        print(f"   {stage:<18} {'ok' if res['ok'] else 'FAILED':<6} {res['wall_seconds']:8.1f} s  "
+              f"maxrss {_gib(res['maxrss_bytes']):6.2f} GiB  tree RSS {_gib(res['peak_tree_rss_bytes']):6.2f} GiB",
+              flush=True)
+    print_size(size)
+    payload = {"benchmark": "scale", "date": C.now_iso(), "machine": info, "loadavg_end": C.loadavg(),
+               "settings": vars(args) | {"stages": wanted, "dim": cfg["dim"]}, "sizes": [size]}
+    print(f"\nresults: {C.write_results('scale', 'cpu', payload, path=Path(args.out))}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--passages", default="1000000", help="corpus size(s), comma-separated (e.g. 200000,1000000)")
@@ -962,6 +1049,8 @@ def main() -> None:
     ap.add_argument("--scratch", default=str(C.SCRATCH_DIR))
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/scale-cpu.json)")
+    ap.add_argument("--reuse", default=None,
+                    help="run --stages in an existing work folder (its cfg.json; nothing added or deleted); needs --out")
     ap.add_argument("--from-json", default=None, help="print the tables of a results file again (no run)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_work", help=argparse.SUPPRESS)
@@ -974,6 +1063,11 @@ def main() -> None:
         from_json(Path(args.from_json))
         return
 
+    if args.reuse:
+        if not args.out:
+            ap.error("--reuse needs --out")
+        reuse_main(args)
+        return
     wanted = STAGES if args.stages == "all" else [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(wanted) - set(STAGES)
     if unknown:
