@@ -79,7 +79,7 @@ DEFAULTS = {
     "bi_queries": (16, 2, 8),
     "bi_group": (16, 4, 8),
     "warmup": (3, 1, 2),
-    "iters": (10, 2, 5),
+    "iters": (10, 3, 5),
 }
 
 
@@ -206,6 +206,23 @@ class Timer:
     @property
     def best(self) -> float:
         return self.gpu_seconds if self.gpu_seconds is not None else self.seconds
+
+
+def timed_loop(device: torch.device, iters: int, fn: Callable[[int], None]) -> tuple[float, list[float]]:
+    """Seconds per iteration. CUDA: events around the whole loop (no sync inside), the mean. CPU:
+    each iteration timed, the best kept (a shared CPU makes single iterations several times slower
+    when another tenant takes a core from the OpenMP team); all times are returned."""
+    if device.type == "cuda":
+        with Timer(device) as t:
+            for i in range(iters):
+                fn(i)
+        return t.best / iters, [t.best / iters]
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return min(times), times
 
 
 def autocast(device: torch.device):
@@ -410,10 +427,7 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
 
     for i in range(args.warmup):
         step(batches[i % len(batches)])
-    with Timer(device) as t:
-        for i in range(args.iters):
-            step(batches[i % len(batches)])
-    sec = t.best / args.iters
+    sec, iter_times = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
 
     b0 = batches_cpu[0]
     s = b0["input_ids"].shape[1] if "input_ids" in b0 else b0["encoder_input_ids"].shape[1]
@@ -429,6 +443,7 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     row = rate_row("pretrain", "SimLM RLM step (fwd+bwd+AdamW)", f"{B} x {s}, gen frozen", B, "psg", tokens,
                    flops, sec, peak, {
                        "step_seconds": sec, "steps_per_s": 1 / sec, "trainable_params": n_params,
+                       "iteration_seconds": iter_times,
                        "generator_params": sum(p.numel() for p in generator.parameters()),
                        "flops_split": {"encoder_fwd": enc_f, "decoder_fwd": dec_f, "generator_fwd_x2": gen_f},
                        "labelled_tokens": n_lab, "collator": collator_name,
@@ -495,10 +510,7 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
 
     for i in range(args.warmup):
         step(*batches[i % 2])
-    with Timer(device) as t:
-        for i in range(args.iters):
-            step(*batches[i % 2])
-    sec = t.best / args.iters
+    sec, iter_times = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
     fwd = encoder_forward_flops(enc_cfg, [lq] * Q) + encoder_forward_flops(enc_cfg, [lp] * (Q * G))
     fwd += 2 * Q * (Q * G) * enc_cfg["hidden_size"]  # score matrix
     flops = 3 * fwd
@@ -506,6 +518,7 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
     row = rate_row("biencoder", "BiEncoder step (fwd+bwd+AdamW)", f"{Q} q x group {G}, q {lq} / p {lp}", Q, "query",
                    tokens, flops, sec, peak, {
                        "step_seconds": sec, "steps_per_s": 1 / sec, "passages_per_s": Q * G / sec,
+                       "iteration_seconds": iter_times,
                        "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / C.GIB) if device.type == "cuda" else None,
                    })
     del model, opt, batches
