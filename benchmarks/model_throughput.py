@@ -553,9 +553,7 @@ def main() -> None:
             setattr(args, key, vals[col])
     if args.repeats is None:
         args.repeats = 2 if device.type == "cuda" else 3
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # TF32 left at torch's default, as in the pipeline (bf16 autocast does the heavy matmuls).
     peak, peak_note = peak_tflops(device, args.peak_tflops)
     import transformers  # noqa: F401  (for the versions in machine_info)
 

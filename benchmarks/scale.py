@@ -22,6 +22,9 @@ bm25_search_train      simlm_core.bm25.search of the train queries, top 200 (wha
 mine_small             simlm_core.mining.mine_negatives over the 1,000 x 200 run (in memory)
 mine_large             simlm_core.mining.mine_negatives_parquet over the train x 200 run (parts)
 passage_store          simlm_core.io.PassageStore: open + 1,000 x 200 lookups (as rerank does)
+corpus_stream(_nobuf)  diagnostic: io.iter_corpus_batches over the corpus (pyarrow defaults), and the
+                       same read with pre_buffer=False: the reader's own memory
+run_stream(_nobuf)     diagnostic: the mining run read as mining.iter_run_parts does, and pre_buffer=False
 faiss_shards (synth.)  random unit-norm fp16 embeddings, N x 768, as .npy shards + ids Parquet
 faiss_build            simlm_core.index.build_index (flat by default)
 faiss_search           simlm_core.index.load_index + search_batches, 1,000 queries, top 1000 (RAM)
@@ -33,6 +36,9 @@ Memory: the parent reaps each stage with ``os.wait4`` (``ru_maxrss``: the larges
 of the stage's tree, Java included) and polls ``/proc`` every 0.1 s for the whole tree's summed
 RSS and anonymous RSS (file-backed pages of memory-mapped files count in RSS but can be evicted;
 ``anon`` is the part that must fit in RAM). Results: ``benchmarks/results/scale-cpu.json``.
+
+``--reuse DIR --stages ... --out FILE`` runs stages again in a kept work folder (``--keep``);
+``--from-json FILE`` prints the tables (and the extrapolation) of a results file again.
 """
 from __future__ import annotations
 
