@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import typing
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -43,8 +44,16 @@ def parse_dataclass_cli(cls: type[T], argv: Sequence[str] | None = None, descrip
     return dataclass_from_dict(cls, values, source)
 
 
+def run_training_cli(cls: type[T], train: Callable[[T], dict], argv: Sequence[str] | None = None) -> dict:
+    """A training driver's main: log to stderr, parse the arguments, train, print the result as JSON."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = train(parse_dataclass_cli(cls, argv))
+    print(json.dumps(result, default=str))
+    return result
+
+
 def dataclass_field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-__all__ = ["dataclass_from_dict", "parse_dataclass_cli", "dataclass_field_names", "typing"]
+__all__ = ["dataclass_from_dict", "parse_dataclass_cli", "run_training_cli", "dataclass_field_names", "typing"]

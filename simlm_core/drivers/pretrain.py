@@ -7,20 +7,14 @@ A killed run restarts from the last checkpoint in ``work_dir``.
 """
 from __future__ import annotations
 
-import json
-import logging
 import sys
 
-from simlm_core.cli import parse_dataclass_cli
+from simlm_core.cli import run_training_cli
 from simlm_core.pretraining import PretrainArgs, pretrain
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_dataclass_cli(PretrainArgs, argv)
-    metrics = pretrain(args)
-    print(json.dumps(metrics, default=str))
-    return metrics
+    return run_training_cli(PretrainArgs, pretrain, argv)
 
 
 if __name__ == "__main__":

@@ -6,20 +6,14 @@ Keys: the fields of :class:`simlm_core.pretraining.GeneratorArgs`.
 """
 from __future__ import annotations
 
-import json
-import logging
 import sys
 
-from simlm_core.cli import parse_dataclass_cli
+from simlm_core.cli import run_training_cli
 from simlm_core.pretraining import GeneratorArgs, train_generator
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_dataclass_cli(GeneratorArgs, argv)
-    metrics = train_generator(args)
-    print(json.dumps(metrics, default=str))
-    return metrics
+    return run_training_cli(GeneratorArgs, train_generator, argv)
 
 
 if __name__ == "__main__":
