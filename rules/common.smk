@@ -111,3 +111,23 @@ def launcher(wildcards, resources):
 
 def as_json(args):
     return json.dumps(args, sort_keys=True)
+
+
+def config_at(dotted):
+    value = config
+    for key in dotted.split("."):
+        value = value[key]
+    return value
+
+
+def rerun_on(*keys):
+    """A params entry that reruns the rule when these config entries (dotted paths) change.
+
+    Snakemake leaves a params function that reads `input`/`output` out of its rerun check (they
+    count as derived from files), so an `args` built from paths would not notice a changed
+    hyper-parameter; this wildcards-only function is compared instead. The seed is always in."""
+
+    def value(wildcards):
+        return as_json({"seed": SEED, **{key: config_at(key) for key in keys}})
+
+    return value

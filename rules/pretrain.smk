@@ -9,6 +9,7 @@ rule init_model:
     output:
         directory(out("models", "init")),
     params:
+        settings=rerun_on("models.scratch"),
         args=lambda wc, output, input: as_json(
             {
                 **config["models"]["scratch"],
@@ -41,6 +42,7 @@ rule train_generator:
     output:
         directory(out("models", "generator")),
     params:
+        settings=rerun_on("pretrain.generator_train", "models.encoder"),
         args=lambda wc, output, input: as_json(
             train_args(
                 "train_generator",
@@ -82,6 +84,7 @@ rule pretrain:
     output:
         directory(out("pretrain", "checkpoint")),
     params:
+        settings=rerun_on("pretrain.train", "pretrain.generator", "models.encoder"),
         launcher=launcher,
         args=lambda wc, output, input: as_json(
             train_args(

@@ -17,6 +17,7 @@ rule train_reranker:
     output:
         directory(out("reranker", "checkpoint")),
     params:
+        settings=rerun_on("reranker.train", "models.reranker"),
         launcher=launcher,
         args=lambda wc, input, output: as_json(
             train_args(
@@ -55,6 +56,7 @@ rule rerank:
     output:
         run=out("reranker", "runs", "{split}.parquet"),
     params:
+        settings=rerun_on("reranker.rerank_top_k", "reranker.batch_size", "reranker.max_len"),
         args=lambda wc, input, output: as_json(
             {
                 "model_dir": input.model,
@@ -93,6 +95,7 @@ rule score_teacher_shard:
     output:
         scores=out("reranker", "scores", "shard-{shard}.parquet"),
     params:
+        settings=rerun_on("reranker.teacher_negatives", "reranker.teacher_shards", "reranker.batch_size", "reranker.max_len"),
         args=lambda wc, input, output: as_json(
             {
                 "model_dir": input.model,

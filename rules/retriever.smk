@@ -75,6 +75,21 @@ def train_dense_args(wildcards, output):
     )
 
 
+def train_dense_settings(wildcards):
+    """The config a dense system's training reads (see rerun_on: `args` reads `output`)."""
+    init, _, teacher, section = dense_system_spec(wildcards.system)
+    r = config["retriever"]
+    return as_json(
+        {
+            "seed": SEED,
+            "init": init,
+            "distill": teacher is not None,
+            "retriever": {k: r[k] for k in ("pooling", "normalize", "temperature")},
+            "train": config[section]["train"],
+        }
+    )
+
+
 rule export_zeroshot:
     """System `zeroshot`: the initial encoder as it is (no fine-tuning), as a baseline row."""
     input:
@@ -112,6 +127,7 @@ rule train_dense:
     output:
         directory(out("{system}", "checkpoint")),
     params:
+        settings=train_dense_settings,
         launcher=launcher,
         args=train_dense_args,
     threads: config["resources"]["cpu_threads"]
@@ -139,6 +155,7 @@ rule encode_shard:
         embeddings=out("{system}", "embeddings", "shard-{shard}.npy"),
         ids=out("{system}", "embeddings", "shard-{shard}.ids.parquet"),
     params:
+        settings=rerun_on("encode.shards", "encode.batch_size", "encode.p_max_len"),
         args=lambda wc, input, output: as_json(
             {
                 "model_dir": input.model,
@@ -183,6 +200,7 @@ rule build_index:
         index=out("{system}", "index.faiss"),
         ids=out("{system}", "index.ids.parquet"),
     params:
+        settings=rerun_on("index.type"),
         args=lambda wc, input, output: as_json(
             {
                 "embedding_paths": list(input.embeddings),

@@ -48,10 +48,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-import pandas as pd
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from simlm_core import io
@@ -66,6 +67,10 @@ INDEX_UTILS_CLASS = "io.anserini.index.IndexReaderUtils"
 
 #: Most documents per temporary jsonl file; Anserini indexes one file per thread at a time.
 DOCS_PER_FILE = 100_000
+#: Bytes of Anserini's TREC run read at a time (about 600k lines of MS MARCO hits).
+TREC_BLOCK_BYTES = 32 << 20
+#: Most temporary buckets when a TREC run must be sorted again (see trec_run_to_parquet).
+SORT_BUCKETS = 64
 #: How many lines of Java's output a failure message quotes.
 TAIL_LINES = 40
 
@@ -345,20 +350,214 @@ def _sanitise_query(text: str | None) -> str:
     return " ".join(_TSV_BREAKS.sub(" ", text or "").split())
 
 
-def _read_trec_run(path: Path) -> pa.Table:
-    """Read Anserini's ``qid Q0 docid rank score tag`` output as an Arrow table (fast, typed)."""
-    names = ["qid", "q0", "pid", "rank", "score", "tag"]
-    return pacsv.read_csv(
+_TREC_COLUMNS = ["qid", "q0", "pid", "rank", "score", "tag"]
+
+
+def _open_trec_run(path: Path, block_size: int) -> Iterator[pa.RecordBatch]:
+    """Stream Anserini's ``qid Q0 docid rank score tag`` output in blocks of ``block_size`` bytes.
+
+    Yields record batches with columns ``qid, pid, rank, score`` typed as in ``io.RUN_SCHEMA``;
+    an empty file yields nothing (pyarrow refuses to open one).
+    """
+    if path.stat().st_size == 0:
+        return
+    reader = pacsv.open_csv(
         path,
-        read_options=pacsv.ReadOptions(column_names=names, encoding="utf8"),
+        read_options=pacsv.ReadOptions(
+            column_names=_TREC_COLUMNS, encoding="utf8", block_size=int(block_size)
+        ),
         parse_options=pacsv.ParseOptions(delimiter=" ", quote_char=False, escape_char=False),
         convert_options=pacsv.ConvertOptions(
             column_types={"qid": pa.string(), "q0": pa.string(), "pid": pa.string(),
                           "rank": pa.int32(), "score": pa.float32(), "tag": pa.string()},
-            include_columns=["qid", "pid", "rank", "score"],
+            include_columns=[f.name for f in io.RUN_SCHEMA],
             strings_can_be_null=False,
         ),
     )
+    for batch in reader:
+        if batch.num_rows:
+            yield batch
+
+
+class _NotInQidOrder(Exception):
+    """Internal: the TREC run is valid but not sorted by qid; rewrite it sorted."""
+
+
+def trec_run_to_parquet(
+    trec_path: PathLike,
+    run_path: PathLike,
+    known_qids: Sequence[str],
+    block_size: int = TREC_BLOCK_BYTES,
+) -> dict:
+    """Convert Anserini's TREC run file to the run Parquet in bounded memory, validating it.
+
+    The file is read in blocks of ``block_size`` bytes (at least the longest line) and checked
+    block by block, with the last qid and rank carried across block boundaries:
+
+    - every qid is one of ``known_qids``;
+    - each query's hits are contiguous (a qid never reappears after its hits ended) and their
+      ranks are 1..n in output order.
+
+    Any violation raises RuntimeError naming the file, the line and the qid. The run
+    (``io.RUN_SCHEMA``) is written atomically to ``run_path`` with exactly the rows and order
+    that ``io.write_run`` gives (sorted by qid, then rank): Anserini writes queries in qid
+    order, so the blocks are normally written as they are read; should the qids come in another
+    order (Java orders strings by UTF-16 code units, Python by code points, which differ for
+    characters beyond U+FFFF), the validated file is sorted again in a second, bucketed pass,
+    still in bounded memory. Memory is O(block_size + len(known_qids)), never O(rows).
+
+    Returns ``{"rows", "queries_with_hits", "min_hits", "blocks", "in_qid_order",
+    "hits_per_query"}``; ``hits_per_query`` is an int64 array aligned with ``known_qids``.
+    """
+    trec_path, run_path = Path(trec_path), Path(run_path)
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    position = {qid: i for i, qid in enumerate(known_qids)}
+    if len(position) != len(known_qids):
+        raise ValueError("known_qids has duplicates")
+    counts = np.zeros(len(known_qids), dtype=np.int64)
+    seen = np.zeros(len(known_qids), dtype=bool)
+    group_order: list[int] = []  # query index of each run of hits, in file order
+    state = {"rows": 0, "blocks": 0, "max_block_rows": 0, "in_order": True}
+
+    def scan(write) -> None:
+        last_qid: str | None = None  # the qid of the last line read, and its rank
+        last_rank = 0
+        for batch in _open_trec_run(trec_path, block_size):
+            n = batch.num_rows
+            row0 = state["rows"]
+            qids = batch.column("qid")
+            if n > 1:
+                change = pc.not_equal(qids.slice(1), qids.slice(0, n - 1))
+                starts = np.concatenate(([0], np.flatnonzero(change.to_numpy(zero_copy_only=False)) + 1))
+            else:
+                starts = np.zeros(1, dtype=np.int64)
+            lengths = np.diff(np.append(starts, n))
+            names = qids.take(pa.array(starts)).to_pylist()
+            index = np.array([position.get(q, -1) for q in names], dtype=np.int64)
+            if (index < 0).any():
+                unknown = sorted({q for q, i in zip(names, index) if i < 0})
+                line = row0 + int(starts[int(np.argmax(index < 0))]) + 1
+                raise RuntimeError(
+                    f"Anserini returned unknown qids {unknown[:5]} ({trec_path}, line {line})"
+                )
+            continued = names[0] == last_qid  # the last query of the previous block goes on
+            for j in range(1 if continued else 0, len(names)):
+                i = int(index[j])
+                if seen[i]:
+                    raise RuntimeError(
+                        f"Anserini's run is not grouped by query: qid {names[j]!r} reappears "
+                        f"after its hits ended ({trec_path}, line {row0 + int(starts[j]) + 1})"
+                    )
+                seen[i] = True
+                group_order.append(i)
+                if last_qid is not None and names[j] < last_qid:
+                    state["in_order"] = False
+                last_qid = names[j]
+            ranks = batch.column("rank").to_numpy()
+            expected = np.arange(1, n + 1, dtype=np.int64) - np.repeat(starts, lengths)
+            if continued:
+                expected[: lengths[0]] += last_rank
+            bad = np.flatnonzero(ranks != expected)
+            if bad.size:
+                k = int(bad[0])
+                qid = qids[k].as_py()
+                raise RuntimeError(
+                    f"Anserini's ranks are not 1..n in output order for every query: qid {qid!r}"
+                    f" has rank {int(ranks[k])} where {int(expected[k])} was expected "
+                    f"({trec_path}, line {row0 + k + 1})"
+                )
+            last_rank = int(ranks[-1])
+            np.add.at(counts, index, lengths)
+            state["rows"] += n
+            state["blocks"] += 1
+            state["max_block_rows"] = max(state["max_block_rows"], n)
+            if state["in_order"]:
+                write(pa.Table.from_batches([batch]))
+
+    try:
+        with io.ParquetStreamWriter(run_path, io.RUN_SCHEMA) as writer:
+            scan(writer.write)
+            if not state["in_order"]:
+                raise _NotInQidOrder
+    except _NotInQidOrder:
+        log.info("%s is not in qid order; sorting it in a second pass", trec_path)
+        _write_sorted_run(
+            trec_path, run_path, known_qids, np.array(group_order, dtype=np.int64), counts,
+            block_size, max(state["max_block_rows"], -(-state["rows"] // SORT_BUCKETS)),
+        )
+    with_hits = counts[counts > 0]
+    return {
+        "rows": state["rows"],
+        "queries_with_hits": int(with_hits.size),
+        "min_hits": int(with_hits.min()) if with_hits.size else 0,
+        "blocks": state["blocks"],
+        "in_qid_order": state["in_order"],
+        "hits_per_query": counts,
+    }
+
+
+def _write_sorted_run(
+    trec_path: Path,
+    run_path: Path,
+    known_qids: Sequence[str],
+    group_order: np.ndarray,
+    counts: np.ndarray,
+    block_size: int,
+    bucket_rows: int,
+) -> None:
+    """Write an already validated TREC run sorted by qid (then rank), in bounded memory.
+
+    Each query's hits are contiguous (checked), so sorting moves whole runs of lines. The runs'
+    places in the output are known from the counts; lines are distributed to at most
+    ``SORT_BUCKETS`` temporary Arrow files of about ``bucket_rows`` rows each, by output
+    position, and each bucket is then sorted on its own and appended to the Parquet.
+    """
+    sizes = counts[group_order]
+    in_end = np.cumsum(sizes)  # row after the last line of each run, in file order
+    by_qid = sorted(range(len(group_order)), key=lambda g: known_qids[group_order[g]])
+    place = np.empty(len(group_order), dtype=np.int64)  # each run's rank in qid order
+    place[by_qid] = np.arange(len(group_order))
+    out_start = np.concatenate(([0], np.cumsum(sizes[by_qid])[:-1]))  # by rank in qid order
+    bucket_of = out_start // max(1, bucket_rows)
+    folder = Path(tempfile.mkdtemp(prefix=f".{run_path.name}.sort.", dir=run_path.parent))
+    key_schema = pa.schema([*io.RUN_SCHEMA, ("place", pa.int64())])
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    try:
+        row0 = 0
+        for batch in _open_trec_run(trec_path, block_size):
+            n = batch.num_rows
+            places = place[np.searchsorted(in_end, np.arange(row0, row0 + n), side="right")]
+            buckets = bucket_of[places]
+            perm = np.argsort(buckets, kind="stable")
+            table = pa.Table.from_batches([batch]).append_column("place", pa.array(places))
+            table = table.take(pa.array(perm))
+            buckets = buckets[perm]
+            cuts = np.concatenate(([0], np.flatnonzero(np.diff(buckets)) + 1, [n]))
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                bucket = int(buckets[a])
+                if bucket not in writers:
+                    writers[bucket] = pa.ipc.new_stream(str(folder / f"{bucket:05d}.arrow"), key_schema)
+                writers[bucket].write_table(table.slice(int(a), int(b - a)))
+            row0 += n
+        for w in writers.values():
+            w.close()
+        with io.ParquetStreamWriter(run_path, io.RUN_SCHEMA) as out:
+            for bucket in sorted(writers):
+                path = folder / f"{bucket:05d}.arrow"
+                with pa.memory_map(str(path)) as source:
+                    table = pa.ipc.open_stream(source).read_all()
+                perm = np.argsort(table.column("place").to_numpy(), kind="stable")
+                out.write(table.take(pa.array(perm)).drop_columns(["place"]))
+                del table
+                path.unlink()
+    finally:
+        for w in writers.values():
+            try:
+                w.close()
+            except Exception:  # already closed
+                pass
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def search(
@@ -407,17 +606,18 @@ def search(
             "%d query(ies) have empty text and are not searched (no hits), e.g. %s",
             int(empty.sum()), queries.qid[empty].head(10).tolist(),
         )
+    qid_list = queries.qid.tolist()
     run_path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{run_path.name}.", dir=run_path.parent))
     try:
         n_searched = int((~empty).sum())
         search_seconds = 0.0
+        trec = work / "run.trec"
         if n_searched:
             topics = work / "topics.tsv"
             with open(topics, "w", encoding="utf-8", newline="\n") as f:
                 for qid, text in zip(queries.qid[~empty], texts[~empty]):
                     f.write(f"{qid}\t{text}\n")
-            trec = work / "run.trec"
             args = [
                 "-index", str(index_dir),
                 "-topics", str(topics),
@@ -434,39 +634,34 @@ def search(
             search_seconds = time.perf_counter() - t0
             if not trec.is_file():
                 raise RuntimeError(f"Anserini SearchCollection wrote no run file ({trec})")
-            table = _read_trec_run(trec)
         else:
-            table = pa.table({f.name: pa.array([], f.type) for f in io.RUN_SCHEMA})
+            trec.write_bytes(b"")  # nothing to search: an empty run
+        # Streamed: a training run (500k queries x 200 hits) never sits in memory.
+        t0 = time.perf_counter()
+        converted = trec_run_to_parquet(trec, run_path, qid_list)
+        log.info(
+            "converted %d TREC lines in %d block(s) to %s in %.1f s (in qid order: %s)",
+            converted["rows"], converted["blocks"], run_path, time.perf_counter() - t0,
+            converted["in_qid_order"],
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    run = table.to_pandas()
-    known = set(queries.qid)
-    stray = set(run.qid.unique()) - known
-    if stray:
-        raise RuntimeError(f"Anserini returned unknown qids {sorted(stray)[:5]}")
-    # Anserini writes each query's hits in rank order, ranks 1..n: check rather than trust.
-    expected = run.groupby("qid", sort=False).cumcount() + 1
-    if not (run["rank"].to_numpy() == expected.to_numpy()).all():
-        raise RuntimeError("Anserini's ranks are not 1..n in output order for every query")
-    io.write_run(run, run_path)
-
-    with_hits = set(run.qid.unique())
-    no_hits = [q for q in queries.qid if q not in with_hits]
+    hits_per_query = converted["hits_per_query"]
+    no_hits = [q for q, n in zip(qid_list, hits_per_query.tolist()) if n == 0]
     if no_hits:
         log.warning(
             "%d of %d queries got no hit (empty text, only stopwords/punctuation after analysis,"
             " or no term in the index), e.g. %s", len(no_hits), len(queries), no_hits[:10],
         )
-    per_query = run.groupby("qid").size() if len(run) else pd.Series(dtype="int64")
     summary = {
         "queries": len(queries),
-        "queries_with_hits": len(with_hits),
+        "queries_with_hits": converted["queries_with_hits"],
         "queries_without_hits": len(no_hits),
         "no_hit_qids": no_hits[:20],
         "empty_queries": int(empty.sum()),
-        "rows": len(run),
-        "min_hits": int(per_query.min()) if len(per_query) else 0,
+        "rows": converted["rows"],
+        "min_hits": converted["min_hits"],
         "seconds": round(time.perf_counter() - start, 3),
         "search_seconds": round(search_seconds, 3),
         "k1": float(k1), "b": float(b), "hits": int(hits), "remove_query": bool(remove_query),

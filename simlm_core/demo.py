@@ -228,14 +228,26 @@ def _filler(rng: random.Random) -> list[str]:
     return template.format(b=b, b2=b2, a=a, a2=a2, t=rng.choice(TIMES), r=rng.choice(REGIONS)).split()
 
 
-def _passage(rng: random.Random, topic: _Topic, length: tuple[int, int]) -> str:
-    """Topic sentence, a second mention, then background sentences up to a drawn length."""
+def _passage(rng: random.Random, topic: _Topic, length: tuple[int, int], remention: float) -> str:
+    """Topic sentence, a second mention, then background sentences up to a drawn length.
+
+    The second mention refers to each concept with another of its forms with probability
+    ``remention`` (as real text varies its wording): the corpus itself then shows which forms
+    are synonyms, which is what pre-training on the corpus can learn and labels alone barely can.
+    """
     w = topic.word
+
+    def w2(slot: str) -> str:
+        forms = GROUPS[slot][topic.concepts[slot]]
+        if rng.random() < remention:
+            return rng.choice([f for i, f in enumerate(forms) if i != topic.forms[slot]])
+        return w(slot)
+
     words = f"the {w('agent')} {w('action')} the {w('quality')} {w('object')} at the {w('place')} .".split()
     second = rng.choice((
-        f"every {rng.choice(TIMES)} the {w('agent')} comes back to the {w('place')} .",
-        f"the {w('object')} stays at the {w('place')} for a {rng.choice(TIMES)} .",
-        f"that is why the {w('agent')} {w('action')} it with care .",
+        f"every {rng.choice(TIMES)} the {w2('agent')} comes back to the {w2('place')} .",
+        f"the {w2('quality')} {w2('object')} stays at the {w2('place')} for a {rng.choice(TIMES)} .",
+        f"that is why the {w2('agent')} {w2('action')} it with care .",
     ))
     words += second.split()
     target = rng.randint(*length)
@@ -292,12 +304,14 @@ def generate_demo(
     num_dev_queries: int = 200,
     passage_words: tuple[int, int] = (30, 60),
     query_same_form: float = 0.4,
+    remention: float = 0.8,
 ) -> dict[str, Any]:
     """Write the demo corpus, queries and qrels (splits ``train``, ``dev``) under ``out_dir``.
 
     One passage per query is its target; the remaining ``num_passages - queries`` passages are
     BM25 distractors for randomly chosen queries. ``query_same_form`` is the chance that a query
-    repeats the passage's own word for a concept (lower = harder for BM25).
+    repeats the passage's own word for a concept (lower = harder for BM25); ``remention`` the
+    chance that a passage's second mention of a concept uses another of its forms.
     Returns the same summary shape as ``simlm_core.data.prepare_dataset``.
     """
     n_queries = num_train_queries + num_dev_queries
@@ -315,7 +329,7 @@ def generate_demo(
     order = list(range(num_passages))
     rng.shuffle(order)  # pid order reveals nothing about targets vs distractors
     pid_of = {i: f"p{rank}" for rank, i in enumerate(order)}
-    corpus = [(pid_of[i], _passage(rng, topics[i], (lo, hi))) for i in order]
+    corpus = [(pid_of[i], _passage(rng, topics[i], (lo, hi), remention)) for i in order]
     rows = [(f"q{k}", _query_text(rng, topics[q.target], q), pid_of[q.target]) for k, q in enumerate(queries)]
     out = Path(out_dir)
     counts = _write(out, corpus, {"train": rows[:num_train_queries], "dev": rows[num_train_queries:]})

@@ -7,6 +7,7 @@ so a killed job never leaves a half-written file that a rerun would trust.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 PathLike = str | os.PathLike[str]
@@ -203,36 +205,251 @@ def corpus_size(path: PathLike) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-class PassageStore:
-    """Random access to passages by pid.
+# ---------------------------------------------------------------------------------------------
+# Memory-mapped corpus cache and random passage access
+_CACHE_FORMAT = 2  # bump when the cache file's layout changes (old files are then ignored)
+_CACHE_BATCH_ROWS = 65_536  # rows per Arrow record batch in the cache (never across row groups)
 
-    The corpus stays an Arrow table (memory-mapped where the filesystem allows it), and pids are
-    looked up with Arrow's hash kernel: no Python object per passage (8.8M pids as Python strings
-    would cost about 1 GB per process).
+
+def _parquet_footer_digest(path: Path) -> str:
+    """sha1 of the Parquet footer (schema, row-group sizes, offsets, statistics): a cheap content key."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size < 12:
+            return "short"
+        f.seek(size - 8)
+        tail = f.read(8)
+        footer_len = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or footer_len > size - 12:
+            return "not-parquet"
+        f.seek(size - 8 - footer_len)
+        return hashlib.sha1(f.read(footer_len)).hexdigest()
+
+
+def _corpus_fingerprint(src: Path) -> tuple[Any, ...]:
+    st = src.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ino, _parquet_footer_digest(src))
+
+
+def _corpus_cache_dirs(src: Path) -> list[Path]:
+    """Where a cache for ``src`` may live: a folder beside the corpus, else the user's cache."""
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "simlm_core"
+    return [src.parent / f".{src.name}.arrow-cache", user]
+
+
+def _cache_is_complete(path: Path, num_rows: int) -> bool:
+    """True for a readable Arrow IPC file with the corpus schema and ``num_rows`` rows.
+
+    A file cut short has no IPC footer and fails to open; files only ever appear under their final
+    name by an atomic rename, so this is a guard against outside damage, not the locking scheme.
+    """
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            reader = ipc.open_file(source)
+            return reader.schema.equals(CORPUS_SCHEMA) and reader.count_rows() == num_rows
+    except (OSError, pa.ArrowException):
+        return False
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Best-effort exclusive lock so concurrent jobs build a cache once (correctness never needs it)."""
+    try:
+        import fcntl
+
+        f = open(path.parent / f".{path.name}.lock", "a")
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def _write_corpus_arrow(src: Path, dest: Path) -> None:
+    """Stream ``src`` into an uncompressed Arrow IPC file at ``dest`` (atomically)."""
+    names = [f.name for f in CORPUS_SCHEMA]
+    pf = pq.ParquetFile(src, pre_buffer=False)  # pre_buffer=False: see iter_corpus_batches
+    missing = [n for n in names if n not in pf.schema_arrow.names]
+    if missing:
+        raise InputError(src, f"missing column(s) {missing}; has {pf.schema_arrow.names}")
+    with atomic_path(dest) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, CORPUS_SCHEMA) as writer:
+            # one row group at a time, so that record batches (the table's chunks) follow row groups
+            for group in range(pf.num_row_groups):
+                for batch in pf.iter_batches(batch_size=_CACHE_BATCH_ROWS, row_groups=[group], columns=names):
+                    writer.write_batch(batch.select(names).cast(CORPUS_SCHEMA))
+
+
+def corpus_arrow_cache(corpus_path: PathLike, cache_dir: PathLike | None = None) -> Path:
+    """An uncompressed Arrow IPC copy of the corpus (pid, title, text), built once by streaming.
+
+    Memory-mapping it gives random access with no decoding and no copy in process memory (pages
+    are shared between processes: data-loader workers, DDP ranks, concurrent jobs).
+
+    The file is named by a key of the corpus's resolved path, size, modification time, inode and
+    Parquet footer, so a changed corpus gets a new cache. It is written to a temporary sibling and
+    renamed into place when complete; a temporary file left by a killed job is never read. An
+    existing file is checked (IPC footer, schema, row count) before it is trusted, else rebuilt.
+
+    ``cache_dir``: where to keep it; by default a hidden folder beside the corpus
+    (``.<corpus name>.arrow-cache``), or ``$XDG_CACHE_HOME/simlm_core`` (``~/.cache/simlm_core``)
+    where that folder cannot be written.
+    """
+    src = Path(corpus_path).resolve()
+    for _attempt in range(3):
+        fingerprint = _corpus_fingerprint(src)
+        key = hashlib.sha1(f"v{_CACHE_FORMAT}|{src}|{fingerprint}".encode()).hexdigest()[:16]
+        name = f"corpus-{key}.arrow"
+        num_rows = pq.ParquetFile(src).metadata.num_rows
+        dirs = [Path(cache_dir)] if cache_dir is not None else _corpus_cache_dirs(src)
+        for folder in dirs:
+            if _cache_is_complete(folder / name, num_rows):
+                return folder / name
+        for i, folder in enumerate(dirs):
+            dest = folder / name
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with _build_lock(dest):
+                    if _cache_is_complete(dest, num_rows):  # another job built it while we waited
+                        return dest
+                    _write_corpus_arrow(src, dest)
+                break
+            except PermissionError:
+                if i == len(dirs) - 1:
+                    raise
+        if _corpus_fingerprint(src) == fingerprint and _cache_is_complete(dest, num_rows):
+            return dest
+        # the corpus was replaced while we copied it: that copy is under a stale key; redo
+        dest.unlink(missing_ok=True)
+    raise InputError(src, "corpus keeps changing while its Arrow cache is built")
+
+
+def _open_arrow(path: PathLike) -> pa.Table:
+    """The whole IPC file as a table of zero-copy views into a read-only memory map."""
+    return ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def _fill_keys(strings: pa.Array, out: np.ndarray) -> np.ndarray:
+    """Write each string's UTF-8 bytes, then a 0x01 end marker, into the rows of ``out``.
+
+    ``out``: zeroed uint8 of shape (len(strings), width). The end marker makes the (NUL-padded)
+    fixed-width key unique for every string, including strings that end in NUL bytes. Returns
+    the mask of rows written: non-null strings shorter than ``width`` (the others stay all-zero,
+    which no written key equals).
+    """
+    m, width = out.shape
+    if m == 0:
+        return np.zeros(0, dtype=bool)
+    if not (pa.types.is_string(strings.type) or pa.types.is_binary(strings.type)
+            or pa.types.is_large_string(strings.type) or pa.types.is_large_binary(strings.type)):
+        raise TypeError(f"pids must be strings, got {strings.type}")
+    large = pa.types.is_large_string(strings.type) or pa.types.is_large_binary(strings.type)
+    _, offsets_buf, data_buf = strings.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64 if large else np.int32)
+    offsets = offsets[strings.offset:strings.offset + m + 1].astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    starts = offsets[:-1]
+    lengths = offsets[1:] - starts
+    ok = lengths < width
+    if strings.null_count:
+        ok &= ~strings.is_null().to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(ok)
+    out[rows, lengths[rows]] = 1
+    for j in range(width - 1):  # byte j of every key that long: one vectorised pass per position
+        rows = rows[lengths[rows] > j]
+        if not rows.size:
+            break
+        out[rows, j] = data[starts[rows] + j]
+    return ok
+
+
+def _key_dtype(max_len: int) -> np.dtype:
+    # keys of up to 8 bytes (MS MARCO pids: 7 digits + end marker) compare as integers: fastest
+    return np.dtype(np.uint64) if max_len + 1 <= 8 else np.dtype(f"S{max_len + 1}")
+
+
+def _as_bytes(keys: np.ndarray) -> np.ndarray:
+    return keys.view(np.uint8).reshape(len(keys), keys.dtype.itemsize)
+
+
+class PassageStore:
+    """Random access to passages by pid, in bounded memory.
+
+    The corpus is read from an Arrow IPC copy (:func:`corpus_arrow_cache`, built once per corpus
+    version) through a memory map: rows come zero-copy from the page cache, so resident memory
+    stays small and is shared between processes. pids are looked up in a sorted array of
+    fixed-width keys (pid bytes + end marker, NUL-padded; about ``max pid length + 5`` bytes per
+    passage, no Python object per passage) with a vectorised binary search.
+
+    ``cache_dir``: where the Arrow copy lives (see :func:`corpus_arrow_cache`).
     """
 
-    def __init__(self, corpus_path: PathLike) -> None:
+    def __init__(self, corpus_path: PathLike, *, cache_dir: PathLike | None = None) -> None:
         self.path = Path(corpus_path)
-        self.table = pq.read_table(corpus_path, memory_map=True)
-        self._pids = self.table.column("pid").combine_chunks()
-        if pc.count_distinct(self._pids).as_py() != len(self._pids):
-            raise InputError(corpus_path, "duplicate pids in corpus")
+        self.arrow_path = corpus_arrow_cache(corpus_path, cache_dir)
+        self.table = _open_arrow(self.arrow_path)
+        self._build_index()
+
+    def _build_index(self) -> None:
+        pids = self.table.column("pid")
+        n = len(pids)
+        if pids.null_count:
+            raise InputError(self.path, f"{pids.null_count} null pid(s) in corpus")
+        max_len = int(pc.max(pc.binary_length(pids)).as_py() or 0) if n else 0
+        keys = np.zeros(n, dtype=_key_dtype(max_len))
+        out, base = _as_bytes(keys), 0
+        for chunk in pids.chunks:
+            _fill_keys(chunk, out[base:base + len(chunk)])
+            base += len(chunk)
+        order = np.argsort(keys)
+        keys = keys[order]
+        dup = np.flatnonzero(keys[1:] == keys[:-1])
+        if dup.size:
+            examples = take_rows(pids, order[dup[:5]].astype(np.int64))
+            raise InputError(self.path, f"duplicate pids in corpus, e.g. {examples}")
+        self._keys = keys
+        self._order = order.astype(np.int32 if n < 2**31 else np.int64)
+        self._bounds = np.cumsum([0] + [len(c) for c in pids.chunks])
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled (spawned workers): reopen the map there
+        state = self.__dict__.copy()
+        state["table"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.table = _open_arrow(self.arrow_path)
 
     def __len__(self) -> int:
         return self.table.num_rows
 
     def rows(self, pids: Sequence[str]) -> np.ndarray:
-        idx = pc.index_in(pa.array(list(pids), type=pa.string()), value_set=self._pids)
-        if idx.null_count:
-            missing = [p for p, i in zip(pids, idx.to_pylist()) if i is None][:5]
+        """Row numbers (in the corpus file's order) of ``pids``; KeyError names unknown ones."""
+        pids = list(pids)
+        wanted = np.zeros(len(pids), dtype=self._keys.dtype)
+        fits = _fill_keys(pa.array(pids, type=pa.string()), _as_bytes(wanted))
+        if len(self._keys):
+            at = np.minimum(np.searchsorted(self._keys, wanted), len(self._keys) - 1)
+            found = fits & (self._keys[at] == wanted)
+        else:
+            at, found = np.zeros(len(pids), dtype=np.int64), np.zeros(len(pids), dtype=bool)
+        if not found.all():
+            missing = [p for p, f in zip(pids, found) if not f][:5]
             raise KeyError(f"pids not in corpus {self.path}: {missing}")
-        return idx.to_numpy(zero_copy_only=False).astype(np.int64)
+        return self._order[at].astype(np.int64)
 
     def get(self, pids: Sequence[str]) -> list[tuple[str, str]]:
         """(title, text) for each pid, in order."""
         rows = self.rows(pids)
-        titles = take_rows(self.table.column("title"), rows)
-        texts = take_rows(self.table.column("text"), rows)
+        titles = _take_rows(self.table.column("title"), rows, self._bounds)
+        texts = _take_rows(self.table.column("text"), rows, self._bounds)
         return list(zip(titles, texts))
 
 
@@ -242,8 +459,11 @@ def take_rows(column: pa.ChunkedArray, rows: np.ndarray) -> list[Any]:
     A take across the chunks of a large corpus joins them first and overflows Arrow's 32-bit
     string offsets past 2 GiB (seen at 8.8M passages).
     """
+    return _take_rows(column, rows, np.cumsum([0] + [len(c) for c in column.chunks]))
+
+
+def _take_rows(column: pa.ChunkedArray, rows: np.ndarray, bounds: np.ndarray) -> list[Any]:
     out: list[Any] = [None] * len(rows)
-    bounds = np.cumsum([0] + [len(c) for c in column.chunks])
     chunk_of = np.searchsorted(bounds, rows, side="right") - 1
     for chunk in np.unique(chunk_of):
         where = np.flatnonzero(chunk_of == chunk)

@@ -144,6 +144,27 @@ def test_e2e_bm25_parameter_reruns_bm25_and_dependants_only(e2e_run, e2e_workflo
 
 @pytest.mark.slow
 @pytest.mark.java
+@pytest.mark.parametrize(
+    "override, stage, upstream",
+    [
+        ("pretrain={train: {learning_rate: 0.001}}", "pretrain", ["train_generator", "init_model", "bm25_search"]),
+        ("reranker={train: {learning_rate: 0.001}}", "train_reranker", ["pretrain", "train_dense"]),
+        ("index={type: hnsw}", "build_index", ["encode_shard", "train_dense"]),
+    ],
+)
+def test_e2e_hyper_parameter_reruns_its_stage(e2e_run, e2e_workflow, override, stage, upstream):
+    # Training rules pass paths and settings as one JSON `args` built from input/output, which
+    # Snakemake leaves out of its params check; `settings` (rerun_on) is what this guards.
+    jobs = planned_jobs(
+        snakemake(e2e_run, "-n", "--configfile", str(E2E_CONFIG), "--config", override, snakefile=e2e_workflow)
+    )
+    assert stage in jobs and "report" in jobs, jobs
+    for rule in upstream:
+        assert rule not in jobs, f"{rule} must not rerun for {override}: {jobs}"
+
+
+@pytest.mark.slow
+@pytest.mark.java
 def test_e2e_core_module_edit_reruns_its_stage(e2e_run, e2e_workflow):
     # Snakemake 9 reruns on a changed input's content (a bare touch is not enough).
     metrics_py = e2e_workflow.parent / "simlm_core" / "metrics.py"
