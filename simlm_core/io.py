@@ -321,7 +321,7 @@ def corpus_arrow_cache(corpus_path: PathLike, cache_dir: PathLike | None = None)
                         return dest
                     _write_corpus_arrow(src, dest)
                 break
-            except PermissionError:
+            except OSError:  # e.g. a read-only corpus folder: try the next place
                 if i == len(dirs) - 1:
                     raise
         if _corpus_fingerprint(src) == fingerprint and _cache_is_complete(dest, num_rows):
@@ -361,22 +361,34 @@ def _fill_keys(strings: pa.Array, out: np.ndarray) -> np.ndarray:
     if strings.null_count:
         ok &= ~strings.is_null().to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(ok)
-    out[rows, lengths[rows]] = 1
-    for j in range(width - 1):  # byte j of every key that long: one vectorised pass per position
-        rows = rows[lengths[rows] > j]
-        if not rows.size:
-            break
-        out[rows, j] = data[starts[rows] + j]
+    lengths = lengths[rows]
+    total = int(lengths.sum())
+    if total:  # one scatter: byte i of string r goes to out[r, i]
+        assert out.flags.c_contiguous
+        before = np.cumsum(lengths) - lengths  # bytes of the kept strings ahead of each one
+        within = np.arange(total) - np.repeat(before, lengths)
+        source = np.repeat(starts[rows], lengths) + within
+        out.reshape(-1)[np.repeat(rows * width, lengths) + within] = data[source]
+    out[rows, lengths] = 1
     return ok
 
 
 def _key_dtype(max_len: int) -> np.dtype:
-    # keys of up to 8 bytes (MS MARCO pids: 7 digits + end marker) compare as integers: fastest
-    return np.dtype(np.uint64) if max_len + 1 <= 8 else np.dtype(f"S{max_len + 1}")
+    """uint64 for keys of up to 8 bytes (MS MARCO: 7 digits + end marker), else bytes of 8k."""
+    return np.dtype(np.uint64) if max_len + 1 <= 8 else np.dtype(f"S{-(-(max_len + 1) // 8) * 8}")
 
 
 def _as_bytes(keys: np.ndarray) -> np.ndarray:
     return keys.view(np.uint8).reshape(len(keys), keys.dtype.itemsize)
+
+
+def _sort_order(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys)``; byte keys are sorted as big-endian 64-bit words (lexsort), which is
+    their byte order too and several times faster than numpy's string sort."""
+    if keys.dtype == np.uint64 or not len(keys):
+        return np.argsort(keys)
+    words = keys.view(">u8").reshape(len(keys), -1)
+    return np.lexsort([words[:, j].astype(np.uint64) for j in reversed(range(words.shape[1]))])
 
 
 class PassageStore:
@@ -385,8 +397,9 @@ class PassageStore:
     The corpus is read from an Arrow IPC copy (:func:`corpus_arrow_cache`, built once per corpus
     version) through a memory map: rows come zero-copy from the page cache, so resident memory
     stays small and is shared between processes. pids are looked up in a sorted array of
-    fixed-width keys (pid bytes + end marker, NUL-padded; about ``max pid length + 5`` bytes per
-    passage, no Python object per passage) with a vectorised binary search.
+    fixed-width keys (pid bytes + end marker, NUL-padded to 8 bytes or a multiple; with the row
+    numbers, 12 bytes per passage for pids of up to 7 bytes; no Python object per passage) with a
+    vectorised binary search.
 
     ``cache_dir``: where the Arrow copy lives (see :func:`corpus_arrow_cache`).
     """
@@ -402,13 +415,14 @@ class PassageStore:
         n = len(pids)
         if pids.null_count:
             raise InputError(self.path, f"{pids.null_count} null pid(s) in corpus")
-        max_len = int(pc.max(pc.binary_length(pids)).as_py() or 0) if n else 0
+        # chunk by chunk: a length array for the whole column would stay in Arrow's memory pool
+        max_len = max((pc.max(pc.binary_length(c)).as_py() or 0 for c in pids.chunks), default=0)
         keys = np.zeros(n, dtype=_key_dtype(max_len))
         out, base = _as_bytes(keys), 0
         for chunk in pids.chunks:
             _fill_keys(chunk, out[base:base + len(chunk)])
             base += len(chunk)
-        order = np.argsort(keys)
+        order = _sort_order(keys)
         keys = keys[order]
         dup = np.flatnonzero(keys[1:] == keys[:-1])
         if dup.size:

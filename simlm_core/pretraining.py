@@ -44,7 +44,6 @@ tokenizer, saved as an HF folder; ``AutoModelForMaskedLM`` loads it exactly as i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -58,7 +57,7 @@ import pyarrow.ipc as ipc
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer
 
-from simlm_core.io import atomic_path, iter_corpus_batches, passage_text
+from simlm_core.io import corpus_arrow_cache, iter_corpus_batches, passage_text
 from simlm_core.training import TrainConfig, to_training_arguments, train_and_save
 
 logger = logging.getLogger(__name__)
@@ -68,27 +67,6 @@ MAX_PREDICTIONS = 512  # whole_word_mask(max_predictions=512) in the authors' co
 
 # ---------------------------------------------------------------------------------------------
 # Passages: a memory-mapped Arrow copy of the corpus
-def corpus_arrow_cache(corpus_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> Path:
-    """An uncompressed Arrow IPC copy of the corpus (title, text), built once by streaming.
-
-    Memory-mapping it gives random access with no decoding and no copy in process memory (pages
-    are shared between data-loader workers and DDP ranks). Keyed by the source's path, size and
-    modification time, so a changed corpus gets a new cache.
-    """
-    src = Path(corpus_path).resolve()
-    st = src.stat()
-    key = hashlib.sha1(f"{src}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    dest = Path(cache_dir) / f"corpus-{key}.arrow"
-    if dest.exists():
-        return dest
-    schema = pa.schema([("title", pa.string()), ("text", pa.string())])
-    with atomic_path(dest) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, schema) as writer:
-            for batch in iter_corpus_batches(src):
-                writer.write_batch(pa.record_batch([batch.column("title"), batch.column("text")], schema=schema))
-    return dest
-
-
 class PassageDataset(torch.utils.data.Dataset):
     """Map-style passages over a memory-mapped Arrow file: ``{"title": str, "text": str}``."""
 
