@@ -122,6 +122,8 @@ ruleorder: export_zeroshot > train_dense
 
 rule train_dense:
     """Contrastive (in-batch + hard negatives) or distillation training of a biencoder."""
+    wildcard_constraints:
+        system="|".join(s for s in DENSE_SYSTEMS if s != "zeroshot"),
     input:
         unpack(train_dense_inputs),
     output:
