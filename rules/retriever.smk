@@ -61,7 +61,13 @@ def train_dense_inputs(wildcards):
     return inputs
 
 
-def train_dense_args(wildcards, output):
+def train_dense_checkpoint(system):
+    return out(system, "checkpoint")
+
+
+def train_dense_args(wildcards):
+    """The driver's arguments. Only wildcards in, no `input`/`output`: Snakemake compares such a
+    params function on reruns, so a changed hyper-parameter reruns the training (see rerun_on)."""
     init, negatives, teacher, section = dense_system_spec(wildcards.system)
     return as_json(
         biencoder_args(
@@ -69,24 +75,9 @@ def train_dense_args(wildcards, output):
             config[section]["train"],
             init,
             negatives,
-            output[0],
+            train_dense_checkpoint(wildcards.system),
             teacher,
         )
-    )
-
-
-def train_dense_settings(wildcards):
-    """The config a dense system's training reads (see rerun_on: `args` reads `output`)."""
-    init, _, teacher, section = dense_system_spec(wildcards.system)
-    r = config["retriever"]
-    return as_json(
-        {
-            "seed": SEED,
-            "init": init,
-            "distill": teacher is not None,
-            "retriever": {k: r[k] for k in ("pooling", "normalize", "temperature")},
-            "train": config[section]["train"],
-        }
     )
 
 
@@ -127,9 +118,8 @@ rule train_dense:
     input:
         unpack(train_dense_inputs),
     output:
-        directory(out("{system}", "checkpoint")),
+        directory(train_dense_checkpoint("{system}")),
     params:
-        settings=train_dense_settings,
         launcher=launcher,
         args=train_dense_args,
     threads: config["resources"]["cpu_threads"]

@@ -307,7 +307,7 @@ def corpus_arrow_cache(corpus_path: PathLike, cache_dir: PathLike | None = None)
         fingerprint = _corpus_fingerprint(src)
         key = hashlib.sha1(f"v{_CACHE_FORMAT}|{src}|{fingerprint}".encode()).hexdigest()[:16]
         name = f"corpus-{key}.arrow"
-        num_rows = pq.ParquetFile(src).metadata.num_rows
+        num_rows = corpus_size(src)
         dirs = [Path(cache_dir)] if cache_dir is not None else _corpus_cache_dirs(src)
         for folder in dirs:
             if _cache_is_complete(folder / name, num_rows):

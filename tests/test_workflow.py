@@ -149,6 +149,7 @@ def test_e2e_bm25_parameter_reruns_bm25_and_dependants_only(e2e_run, e2e_workflo
     [
         ("pretrain={train: {learning_rate: 0.0042}}", "pretrain", ["train_generator", "init_model", "bm25_search"]),
         ("reranker={train: {learning_rate: 0.0042}}", "train_reranker", ["pretrain", "mine_negatives", "bm25_search"]),
+        ("retriever={train: {learning_rate: 0.0042}}", "train_dense", ["pretrain", "train_generator", "bm25_search"]),
         # The index feeds mining, so the re-ranker and the distilled retriever follow; not pre-training.
         ("index={type: hnsw}", "build_index", ["pretrain", "train_generator", "bm25_search"]),
     ],
