@@ -28,6 +28,60 @@ def run_depth(split, eval_depth, mining_depth):
     return eval_depth if split in EVAL_SPLITS else mining_depth
 
 
+# Artifact paths declared by one rule and read by others. Each takes the wildcard values (or the
+# "{wildcard}" patterns themselves), so a rule's input/output and its wildcards-only `args`
+# function (see as_json) compute the same string from one place.
+
+
+def corpus_path():
+    return out("data", "corpus.parquet")
+
+
+def queries_path(split):
+    return out("data", "queries", f"{split}.parquet")
+
+
+def negatives_path(source):
+    """Mined negatives of the training queries: `bm25` or `retriever1`."""
+    return out("negatives", f"{source}.parquet")
+
+
+def run_path(system, split):
+    return out(system, "runs", f"{split}.parquet")
+
+
+def checkpoint_dir(system):
+    """A trained model folder: a dense system's, or `reranker`'s."""
+    return out(system, "checkpoint")
+
+
+def embedding_shard_path(system, shard, suffix):
+    """One corpus-encoding shard's embeddings (suffix ".npy") or passage ids (".ids.parquet")."""
+    return out(system, "embeddings", f"shard-{shard}{suffix}")
+
+
+def index_path(system, suffix):
+    """A dense system's FAISS index (suffix ".faiss") or its passage ids (".ids.parquet")."""
+    return out(system, f"index{suffix}")
+
+
+def teacher_shard_path(shard):
+    return out("reranker", "scores", f"shard-{shard}.parquet")
+
+
+def scratch_model_dir():
+    return out("models", "init")
+
+
+def generator_dir():
+    """The RLM generator trained by this workflow (pretrain.generator == "train")."""
+    return out("models", "generator")
+
+
+def pretrain_checkpoint():
+    return out("pretrain", "checkpoint")
+
+
 def log_path(name):
     return out("logs", f"{name}.log")
 
@@ -62,12 +116,12 @@ def enabled_systems():
 def base_encoder():
     """The initial encoder: the scratch model folder, or a hub id / local folder."""
     enc = config["models"]["encoder"]
-    return out("models", "init") if enc == "scratch" else enc
+    return scratch_model_dir() if enc == "scratch" else enc
 
 
 def pretrained_encoder():
     """What retrievers start from: the SimLM checkpoint when pre-training is on."""
-    return out("pretrain", "checkpoint") if config["pretrain"]["enabled"] else base_encoder()
+    return pretrain_checkpoint() if config["pretrain"]["enabled"] else base_encoder()
 
 
 def reranker_init():
@@ -110,24 +164,10 @@ def launcher(wildcards, resources):
 
 
 def as_json(args):
+    """A driver's arguments as one JSON string, for an `args` param.
+
+    Build it in a params function that takes only `wildcards` (paths from the helpers above, not
+    from `input`/`output`): Snakemake leaves a params function that reads `input`/`output` out of
+    its rerun check (it counts as derived from files), so a changed hyper-parameter would not
+    rerun the rule. A wildcards-only function is compared, and with it every config value in it."""
     return json.dumps(args, sort_keys=True)
-
-
-def config_at(dotted):
-    value = config
-    for key in dotted.split("."):
-        value = value[key]
-    return value
-
-
-def rerun_on(*keys):
-    """A params entry that reruns the rule when these config entries (dotted paths) change.
-
-    Snakemake leaves a params function that reads `input`/`output` out of its rerun check (they
-    count as derived from files), so an `args` built from paths would not notice a changed
-    hyper-parameter; this wildcards-only function is compared instead. The seed is always in."""
-
-    def value(wildcards):
-        return as_json({"seed": SEED, **{key: config_at(key) for key in keys}})
-
-    return value

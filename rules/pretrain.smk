@@ -4,17 +4,16 @@
 rule init_model:
     """A small random BERT (+ WordPiece vocabulary learned on the corpus) for offline runs."""
     input:
-        corpus=out("data", "corpus.parquet"),
+        corpus=corpus_path(),
         code=core("modeling/scratch.py", "drivers/init_model.py"),
     output:
-        directory(out("models", "init")),
+        directory(scratch_model_dir()),
     params:
-        settings=rerun_on("models.scratch"),
-        args=lambda wc, output, input: as_json(
+        args=lambda wc: as_json(
             {
                 **config["models"]["scratch"],
-                "corpus_path": input.corpus,
-                "out_dir": output[0],
+                "corpus_path": corpus_path(),
+                "out_dir": scratch_model_dir(),
                 "seed": SEED,
             }
         ),
@@ -36,20 +35,19 @@ rule train_generator:
     """The frozen RLM generator trained here when no hub MLM is reachable (offline stand-in for
     google/electra-base-generator)."""
     input:
-        corpus=out("data", "corpus.parquet"),
+        corpus=corpus_path(),
         tokenizer=local_model_inputs(base_encoder()),
         code=core("pretraining.py", "training.py", "drivers/train_generator.py"),
     output:
-        directory(out("models", "generator")),
+        directory(generator_dir()),
     params:
-        settings=rerun_on("pretrain.generator_train", "models.encoder"),
-        args=lambda wc, output, input: as_json(
+        args=lambda wc: as_json(
             train_args(
                 "train_generator",
                 config["pretrain"]["generator_train"],
-                corpus_path=input.corpus,
+                corpus_path=corpus_path(),
                 tokenizer_path=base_encoder(),
-                output_dir=output[0],
+                output_dir=generator_dir(),
             )
         ),
     threads: config["resources"]["cpu_threads"]
@@ -69,31 +67,30 @@ rule train_generator:
 
 def generator_value():
     g = config["pretrain"]["generator"]
-    return out("models", "generator") if g == "train" else g
+    return generator_dir() if g == "train" else g
 
 
 rule pretrain:
     """SimLM: encoder + 2-layer decoder reading only the [CLS] bottleneck, RLM loss."""
     input:
-        corpus=out("data", "corpus.parquet"),
+        corpus=corpus_path(),
         encoder=local_model_inputs(base_encoder()),
         generator=local_model_inputs(generator_value()),
         code=core(
             "modeling/pretrain.py", "pretraining.py", "training.py", "drivers/pretrain.py"
         ),
     output:
-        directory(out("pretrain", "checkpoint")),
+        directory(pretrain_checkpoint()),
     params:
-        settings=rerun_on("pretrain.train", "pretrain.generator", "models.encoder"),
         launcher=launcher,
-        args=lambda wc, output, input: as_json(
+        args=lambda wc: as_json(
             train_args(
                 "pretrain",
                 config["pretrain"]["train"],
                 model_name_or_path=base_encoder(),
                 generator=generator_value(),
-                corpus_path=input.corpus,
-                output_dir=output[0],
+                corpus_path=corpus_path(),
+                output_dir=pretrain_checkpoint(),
             )
         ),
     threads: config["resources"]["cpu_threads"]

@@ -9,25 +9,24 @@ RERANKER_CODE = core(
 
 rule train_reranker:
     input:
-        corpus=out("data", "corpus.parquet"),
-        queries=out("data", "queries", f"{TRAIN_SPLIT}.parquet"),
-        negatives=out("negatives", "retriever1.parquet"),
+        corpus=corpus_path(),
+        queries=queries_path(TRAIN_SPLIT),
+        negatives=negatives_path("retriever1"),
         init=local_model_inputs(reranker_init()),
         code=RERANKER_CODE,
     output:
-        directory(out("reranker", "checkpoint")),
+        directory(checkpoint_dir("reranker")),
     params:
-        settings=rerun_on("reranker.train", "models.reranker"),
         launcher=launcher,
-        args=lambda wc, input, output: as_json(
+        args=lambda wc: as_json(
             train_args(
                 "train_reranker",
                 config["reranker"]["train"],
                 model_name_or_path=reranker_init(),
-                corpus_path=input.corpus,
-                queries_path=input.queries,
-                negatives_path=input.negatives,
-                output_dir=output[0],
+                corpus_path=corpus_path(),
+                queries_path=queries_path(TRAIN_SPLIT),
+                negatives_path=negatives_path("retriever1"),
+                output_dir=checkpoint_dir("reranker"),
             )
         ),
     threads: config["resources"]["cpu_threads"]
@@ -48,22 +47,21 @@ rule train_reranker:
 rule rerank:
     """System `reranker`: the cross-encoder re-scores retriever1's top-k."""
     input:
-        model=out("reranker", "checkpoint"),
-        corpus=out("data", "corpus.parquet"),
-        queries=out("data", "queries", "{split}.parquet"),
-        run=out("retriever1", "runs", "{split}.parquet"),
+        model=checkpoint_dir("reranker"),
+        corpus=corpus_path(),
+        queries=queries_path("{split}"),
+        run=run_path("retriever1", "{split}"),
         code=core("rerank.py", "modeling/reranker.py", "drivers/rerank.py"),
     output:
-        run=out("reranker", "runs", "{split}.parquet"),
+        run=run_path("reranker", "{split}"),
     params:
-        settings=rerun_on("reranker.rerank_top_k", "reranker.batch_size", "reranker.max_len"),
-        args=lambda wc, input, output: as_json(
+        args=lambda wc: as_json(
             {
-                "model_dir": input.model,
-                "corpus_path": input.corpus,
-                "queries_path": input.queries,
-                "run_path": input.run,
-                "out_run_path": output.run,
+                "model_dir": checkpoint_dir("reranker"),
+                "corpus_path": corpus_path(),
+                "queries_path": queries_path(wc.split),
+                "run_path": run_path("retriever1", wc.split),
+                "out_run_path": run_path("reranker", wc.split),
                 "top_k": config["reranker"]["rerank_top_k"],
                 "batch_size": config["reranker"]["batch_size"],
                 "max_len": config["reranker"]["max_len"],
@@ -87,22 +85,21 @@ rule rerank:
 rule score_teacher_shard:
     """Re-ranker scores of each training query's candidates (positives + mined negatives)."""
     input:
-        model=out("reranker", "checkpoint"),
-        corpus=out("data", "corpus.parquet"),
-        queries=out("data", "queries", f"{TRAIN_SPLIT}.parquet"),
-        negatives=out("negatives", "retriever1.parquet"),
+        model=checkpoint_dir("reranker"),
+        corpus=corpus_path(),
+        queries=queries_path(TRAIN_SPLIT),
+        negatives=negatives_path("retriever1"),
         code=core("rerank.py", "modeling/reranker.py", "drivers/score_teacher.py"),
     output:
-        scores=out("reranker", "scores", "shard-{shard}.parquet"),
+        scores=teacher_shard_path("{shard}"),
     params:
-        settings=rerun_on("reranker.teacher_negatives", "reranker.teacher_shards", "reranker.batch_size", "reranker.max_len"),
-        args=lambda wc, input, output: as_json(
+        args=lambda wc: as_json(
             {
-                "model_dir": input.model,
-                "corpus_path": input.corpus,
-                "queries_path": input.queries,
-                "negatives_path": input.negatives,
-                "out_path": output.scores,
+                "model_dir": checkpoint_dir("reranker"),
+                "corpus_path": corpus_path(),
+                "queries_path": queries_path(TRAIN_SPLIT),
+                "negatives_path": negatives_path("retriever1"),
+                "out_path": teacher_shard_path(wc.shard),
                 "num_negatives": config["reranker"]["teacher_negatives"],
                 "shard_index": int(wc.shard),
                 "num_shards": config["reranker"]["teacher_shards"],
@@ -127,10 +124,7 @@ rule score_teacher_shard:
 
 rule merge_teacher_scores:
     input:
-        shards=expand(
-            out("reranker", "scores", "shard-{shard}.parquet"),
-            shard=range(config["reranker"]["teacher_shards"]),
-        ),
+        shards=[teacher_shard_path(s) for s in range(config["reranker"]["teacher_shards"])],
         code=core("rerank.py"),
     output:
         scores=out("reranker", "scores", f"{TRAIN_SPLIT}.parquet"),

@@ -23,8 +23,8 @@ def biencoder_args(stage, section, init, negatives, output_dir, teacher_scores=N
             **section,
         },
         model_name_or_path=init,
-        corpus_path=out("data", "corpus.parquet"),
-        queries_path=out("data", "queries", f"{TRAIN_SPLIT}.parquet"),
+        corpus_path=corpus_path(),
+        queries_path=queries_path(TRAIN_SPLIT),
         negatives_path=negatives,
         teacher_scores_path=teacher_scores,
         output_dir=output_dir,
@@ -34,12 +34,12 @@ def biencoder_args(stage, section, init, negatives, output_dir, teacher_scores=N
 # Per dense system: (initial model, negatives table, teacher scores, config section).
 def dense_system_spec(system):
     specs = {
-        "retriever1": (pretrained_encoder(), out("negatives", "bm25.parquet"), None, "retriever"),
-        "retriever1_nopretrain": (base_encoder(), out("negatives", "bm25.parquet"), None, "retriever"),
-        "retriever2": (pretrained_encoder(), out("negatives", "retriever1.parquet"), None, "retriever2"),
+        "retriever1": (pretrained_encoder(), negatives_path("bm25"), None, "retriever"),
+        "retriever1_nopretrain": (base_encoder(), negatives_path("bm25"), None, "retriever"),
+        "retriever2": (pretrained_encoder(), negatives_path("retriever1"), None, "retriever2"),
         "retriever_distill": (
             pretrained_encoder(),
-            out("negatives", "retriever1.parquet"),
+            negatives_path("retriever1"),
             out("reranker", "scores", f"{TRAIN_SPLIT}.parquet"),
             "distill",
         ),
@@ -50,8 +50,8 @@ def dense_system_spec(system):
 def train_dense_inputs(wildcards):
     init, negatives, teacher, _ = dense_system_spec(wildcards.system)
     inputs = {
-        "corpus": out("data", "corpus.parquet"),
-        "queries": out("data", "queries", f"{TRAIN_SPLIT}.parquet"),
+        "corpus": corpus_path(),
+        "queries": queries_path(TRAIN_SPLIT),
         "negatives": negatives,
         "init": local_model_inputs(init),
         "code": BIENCODER_CODE,
@@ -61,13 +61,9 @@ def train_dense_inputs(wildcards):
     return inputs
 
 
-def train_dense_checkpoint(system):
-    return out(system, "checkpoint")
-
-
 def train_dense_args(wildcards):
     """The driver's arguments. Only wildcards in, no `input`/`output`: Snakemake compares such a
-    params function on reruns, so a changed hyper-parameter reruns the training (see rerun_on)."""
+    params function on reruns, so a changed hyper-parameter reruns the training (see as_json)."""
     init, negatives, teacher, section = dense_system_spec(wildcards.system)
     return as_json(
         biencoder_args(
@@ -75,7 +71,7 @@ def train_dense_args(wildcards):
             config[section]["train"],
             init,
             negatives,
-            train_dense_checkpoint(wildcards.system),
+            checkpoint_dir(wildcards.system),
             teacher,
         )
     )
@@ -87,7 +83,7 @@ rule export_zeroshot:
         init=local_model_inputs(base_encoder()),
         code=core("modeling/biencoder.py"),
     output:
-        directory(out("zeroshot", "checkpoint")),
+        directory(checkpoint_dir("zeroshot")),
     params:
         encoder=base_encoder(),
         pooling=config["retriever"]["pooling"],
@@ -118,7 +114,7 @@ rule train_dense:
     input:
         unpack(train_dense_inputs),
     output:
-        directory(train_dense_checkpoint("{system}")),
+        directory(checkpoint_dir("{system}")),
     params:
         launcher=launcher,
         args=train_dense_args,
@@ -140,22 +136,21 @@ rule train_dense:
 rule encode_shard:
     """One of `encode.shards` independent corpus-encoding jobs (scatter)."""
     input:
-        model=out("{system}", "checkpoint"),
-        corpus=out("data", "corpus.parquet"),
+        model=checkpoint_dir("{system}"),
+        corpus=corpus_path(),
         code=core("encode.py", "collators.py", "modeling/biencoder.py", "drivers/encode_corpus.py"),
     output:
-        embeddings=out("{system}", "embeddings", "shard-{shard}.npy"),
-        ids=out("{system}", "embeddings", "shard-{shard}.ids.parquet"),
+        embeddings=embedding_shard_path("{system}", "{shard}", ".npy"),
+        ids=embedding_shard_path("{system}", "{shard}", ".ids.parquet"),
     params:
-        settings=rerun_on("encode.shards", "encode.batch_size", "encode.p_max_len"),
-        args=lambda wc, input, output: as_json(
+        args=lambda wc: as_json(
             {
-                "model_dir": input.model,
-                "corpus_path": input.corpus,
+                "model_dir": checkpoint_dir(wc.system),
+                "corpus_path": corpus_path(),
                 "shard_index": int(wc.shard),
                 "num_shards": config["encode"]["shards"],
-                "out_embeddings": output.embeddings,
-                "out_ids": output.ids,
+                "out_embeddings": embedding_shard_path(wc.system, wc.shard, ".npy"),
+                "out_ids": embedding_shard_path(wc.system, wc.shard, ".ids.parquet"),
                 "batch_size": config["encode"]["batch_size"],
                 "max_len": config["encode"]["p_max_len"],
             }
@@ -175,30 +170,27 @@ rule encode_shard:
         "python -m simlm_core.drivers.encode_corpus --args-json {params.args:q} > {log} 2>&1"
 
 
-def embedding_shards(suffix):
-    return expand(
-        out("{{system}}", "embeddings", "shard-{shard}" + suffix),
-        shard=range(config["encode"]["shards"]),
-    )
+def embedding_shards(system, suffix):
+    """Every shard's file of one kind (see embedding_shard_path), for a system or "{system}"."""
+    return [embedding_shard_path(system, s, suffix) for s in range(config["encode"]["shards"])]
 
 
 rule build_index:
     """Gather the shards into one FAISS inner-product index."""
     input:
-        embeddings=embedding_shards(".npy"),
-        ids=embedding_shards(".ids.parquet"),
+        embeddings=embedding_shards("{system}", ".npy"),
+        ids=embedding_shards("{system}", ".ids.parquet"),
         code=core("index.py", "drivers/build_index.py"),
     output:
-        index=out("{system}", "index.faiss"),
-        ids=out("{system}", "index.ids.parquet"),
+        index=index_path("{system}", ".faiss"),
+        ids=index_path("{system}", ".ids.parquet"),
     params:
-        settings=rerun_on("index.type"),
-        args=lambda wc, input, output: as_json(
+        args=lambda wc: as_json(
             {
-                "embedding_paths": list(input.embeddings),
-                "ids_paths": list(input.ids),
-                "index_path": output.index,
-                "ids_out_path": output.ids,
+                "embedding_paths": embedding_shards(wc.system, ".npy"),
+                "ids_paths": embedding_shards(wc.system, ".ids.parquet"),
+                "index_path": index_path(wc.system, ".faiss"),
+                "ids_out_path": index_path(wc.system, ".ids.parquet"),
                 "index_type": config["index"]["type"],
             }
         ),
@@ -219,13 +211,13 @@ rule build_index:
 rule dense_search:
     """Encode a split's queries and search the index: a run Parquet like BM25's."""
     input:
-        model=out("{system}", "checkpoint"),
-        index=out("{system}", "index.faiss"),
-        ids=out("{system}", "index.ids.parquet"),
-        queries=out("data", "queries", "{split}.parquet"),
+        model=checkpoint_dir("{system}"),
+        index=index_path("{system}", ".faiss"),
+        ids=index_path("{system}", ".ids.parquet"),
+        queries=queries_path("{split}"),
         code=core("encode.py", "collators.py", "index.py", "modeling/biencoder.py"),
     output:
-        run=out("{system}", "runs", "{split}.parquet"),
+        run=run_path("{system}", "{split}"),
     params:
         top_k=lambda wc: run_depth(wc.split, config["index"]["top_k"], config["mining"]["top_k"]),
         q_max_len=config["encode"]["q_max_len"],

@@ -155,8 +155,9 @@ def test_e2e_bm25_parameter_reruns_bm25_and_dependants_only(e2e_run, e2e_workflo
     ],
 )
 def test_e2e_hyper_parameter_reruns_its_stage(e2e_run, e2e_workflow, override, stage, upstream):
-    # Training rules pass paths and settings as one JSON `args` built from input/output, which
-    # Snakemake leaves out of its params check; `settings` (rerun_on) is what this guards.
+    # Each rule passes paths and settings as one JSON `args` param built from wildcards only:
+    # Snakemake skips a params function that reads input/output in its params check, so this
+    # guards against an `args` that slips back to reading them.
     jobs = planned_jobs(
         snakemake(e2e_run, "-n", "--configfile", str(E2E_CONFIG), "--config", override, snakefile=e2e_workflow)
     )
