@@ -88,3 +88,22 @@ def test_init_model_driver(corpus, tmp_path, capsys):
         json.loads((tmp_path / "init" / "config.json").read_text())["vocab_size"]
     with pytest.raises(ValueError, match="unknown key"):
         main(["--args-json", json.dumps({**args, "bogus": 1})])
+
+
+def test_scratch_bert_dropout_is_saved_and_inherited(corpus, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    tok_dir = train_wordpiece_tokenizer(corpus, tmp_path / "tok", vocab_size=120)
+    kw = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+              max_position_embeddings=64)
+    default = AutoConfig.from_pretrained(str(build_scratch_bert(tok_dir, tmp_path / "d", **kw)))
+    assert default.hidden_dropout_prob == default.attention_probs_dropout_prob == 0.1  # BERT's
+    off = build_scratch_bert(tok_dir, tmp_path / "off", dropout=0.0, **kw)
+    model = AutoModel.from_pretrained(str(off)).train()
+    assert model.config.hidden_dropout_prob == model.config.attention_probs_dropout_prob == 0.0
+    # Without dropout a training-mode forward is deterministic: nothing is dropped.
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+    with pytest.raises(ValueError, match="dropout"):
+        build_scratch_bert(tok_dir, tmp_path / "bad", dropout=1.0, **kw)

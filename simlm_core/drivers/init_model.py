@@ -27,6 +27,8 @@ class InitModelArgs:
     num_attention_heads: int = 4
     intermediate_size: int = 512
     max_position_embeddings: int = 256
+    dropout: float = 0.1
+    """BERT's hidden and attention dropout in the saved config (inherited by every later stage)."""
     seed: int = 0
 
 

