@@ -125,11 +125,16 @@ def pretrained_encoder():
 
 
 def reranker_init():
+    """The cross-encoder's starting weights (models.reranker)."""
     choice = config["models"]["reranker"]
     if choice == "pretrain":
         return pretrained_encoder()
     if choice == "encoder":
         return base_encoder()
+    if choice == "retriever1":
+        # The round-1 retriever's fine-tuned encoder: it already maps a query's words and their
+        # synonyms in passages close together, which a tiny model's cross-attention needs.
+        return checkpoint_dir("retriever1")
     return choice
 
 

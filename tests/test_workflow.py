@@ -74,6 +74,19 @@ def test_demo_dry_run_plans_every_stage(tmp_path):
     assert jobs["encode_shard"] == 6
 
 
+@pytest.mark.parametrize("choice, init", [
+    ("pretrain", "results/demo/pretrain/checkpoint"),
+    ("encoder", "results/demo/models/init"),
+    ("retriever1", "results/demo/retriever1/checkpoint"),
+])
+def test_reranker_initialisation_choice(tmp_path, choice, init):
+    proc = snakemake(tmp_path, "-n", "-p", "--config", f"models={{reranker: {choice}}}")
+    text = proc.stdout + proc.stderr
+    block = text.split("rule train_reranker:", 1)[1].split("\n\n", 1)[0]
+    assert f"{init}" in block.split("output:", 1)[0], block  # an input, so it is built first
+    assert f'\\"model_name_or_path\\": \\"{init}\\"' in text or f'"model_name_or_path": "{init}"' in text, text[-3000:]
+
+
 @pytest.mark.parametrize("name", ["msmarco", "nq", "beir"])
 def test_paper_configs_plan(tmp_path, name):
     data = tmp_path / "data"
