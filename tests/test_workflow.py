@@ -87,6 +87,20 @@ def test_reranker_initialisation_choice(tmp_path, choice, init):
     assert f'\\"model_name_or_path\\": \\"{init}\\"' in text or f'"model_name_or_path": "{init}"' in text, text[-3000:]
 
 
+@pytest.mark.parametrize("choice, init", [
+    ("pretrain", "results/demo/pretrain/checkpoint"),
+    ("retriever1", "results/demo/retriever1/checkpoint"),
+])
+def test_distilled_retriever_initialisation_choice(tmp_path, choice, init):
+    proc = snakemake(tmp_path, "-n", "-p", "--config", f"distill={{init: {choice}}}")
+    text = proc.stdout + proc.stderr
+    blocks = [b for b in text.split("rule train_dense:")[1:] if "system=retriever_distill" in b.split("\n\n", 1)[0]]
+    assert len(blocks) == 1, text[-3000:]
+    block = blocks[0].split("\n\n", 1)[0]
+    assert init in block.split("output:", 1)[0], block  # an input, so it is built first
+    assert f'model_name_or_path\\": \\"{init}' in blocks[0] or f'model_name_or_path": "{init}' in blocks[0], blocks[0][:3000]
+
+
 @pytest.mark.parametrize("name", ["msmarco", "nq", "beir"])
 def test_paper_configs_plan(tmp_path, name):
     data = tmp_path / "data"
