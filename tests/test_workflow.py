@@ -101,6 +101,35 @@ def test_distilled_retriever_initialisation_choice(tmp_path, choice, init):
     assert f'model_name_or_path\\": \\"{init}' in blocks[0] or f'model_name_or_path": "{init}' in blocks[0], blocks[0][:3000]
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """Snakemake's --configfile merge: nested dicts merge, everything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.mark.parametrize("name", ["msmarco", "nq", "beir"])
+def test_paper_configs_do_not_inherit_demo_schedules(name):
+    # configs/*.yaml are merged on top of config.yaml: a demo-only setting they leave unset
+    # (a step count, the demo's initialisation shortcuts) would silently apply at paper scale.
+    import yaml
+
+    demo = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg = _merged(demo, yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()))
+    sections = {"retriever": cfg["retriever"]["train"], "reranker": cfg["reranker"]["train"],
+                "distill": cfg["distill"]["train"], "retriever2": cfg["retriever2"]["train"]}
+    for section, train in sections.items():
+        if section == "retriever2" and not cfg["retriever2"]["enabled"] and "num_train_epochs" not in train:
+            continue
+        assert "num_train_epochs" in train, (name, section)
+        assert train.get("max_steps", -1) <= 0, f"{name}: {section}.train inherits max_steps {train['max_steps']}"
+    assert cfg["reranker"]["train"].get("lr_scheduler_type", "linear") == "linear"
+    assert cfg["distill"]["init"] == "pretrain"
+    assert cfg["models"]["reranker"] != "retriever1"
+    assert "demo" not in cfg["dataset"]["format"]
+
+
 @pytest.mark.parametrize("name", ["msmarco", "nq", "beir"])
 def test_paper_configs_plan(tmp_path, name):
     data = tmp_path / "data"
