@@ -69,6 +69,11 @@ def teacher_shard_path(shard):
     return out("reranker", "scores", f"shard-{shard}.parquet")
 
 
+def teacher_scores_path():
+    """The merged re-ranker scores of the training queries' candidates (distillation targets)."""
+    return out("reranker", "scores", f"{TRAIN_SPLIT}.parquet")
+
+
 def scratch_model_dir():
     return out("models", "init")
 
@@ -124,18 +129,29 @@ def pretrained_encoder():
     return pretrain_checkpoint() if config["pretrain"]["enabled"] else base_encoder()
 
 
-def reranker_init():
-    """The cross-encoder's starting weights (models.reranker)."""
-    choice = config["models"]["reranker"]
+def model_choice(choice):
+    """A stage's starting weights as configured: "pretrain" (the SimLM checkpoint, or the encoder
+    when pre-training is off), "encoder" (the initial encoder), "retriever1" (the round-1
+    retriever's fine-tuned encoder), or a hub id / local folder as it is."""
     if choice == "pretrain":
         return pretrained_encoder()
     if choice == "encoder":
         return base_encoder()
     if choice == "retriever1":
-        # The round-1 retriever's fine-tuned encoder: it already maps a query's words and their
-        # synonyms in passages close together, which a tiny model's cross-attention needs.
+        # It already maps a query's words and their synonyms in passages close together, which
+        # a tiny model's cross-attention needs (the demo).
         return checkpoint_dir("retriever1")
     return choice
+
+
+def reranker_init():
+    """The cross-encoder's starting weights (models.reranker)."""
+    return model_choice(config["models"]["reranker"])
+
+
+def distill_init():
+    """The distilled retriever's start (distill.init): the SimLM checkpoint (paper) or retriever1."""
+    return model_choice(config["distill"]["init"])
 
 
 def local_model_inputs(path):

@@ -127,7 +127,7 @@ rule merge_teacher_scores:
         shards=[teacher_shard_path(s) for s in range(config["reranker"]["teacher_shards"])],
         code=core("rerank.py"),
     output:
-        scores=out("reranker", "scores", f"{TRAIN_SPLIT}.parquet"),
+        scores=teacher_scores_path(),
     threads: 1
     resources:
         mem_mb=4000,

@@ -31,13 +31,6 @@ def biencoder_args(stage, section, init, negatives, output_dir, teacher_scores=N
     )
 
 
-def distill_init():
-    """The distilled retriever's start: the SimLM checkpoint (paper), or retriever1 (distill.init)."""
-    if config["distill"].get("init", "pretrain") == "retriever1":
-        return checkpoint_dir("retriever1")
-    return pretrained_encoder()
-
-
 # Per dense system: (initial model, negatives table, teacher scores, config section).
 def dense_system_spec(system):
     specs = {
@@ -47,7 +40,7 @@ def dense_system_spec(system):
         "retriever_distill": (
             distill_init(),
             negatives_path("retriever1"),
-            out("reranker", "scores", f"{TRAIN_SPLIT}.parquet"),
+            teacher_scores_path(),
             "distill",
         ),
     }

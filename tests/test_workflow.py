@@ -74,6 +74,18 @@ def test_demo_dry_run_plans_every_stage(tmp_path):
     assert jobs["encode_shard"] == 6
 
 
+def assert_job_starts_from(proc: subprocess.CompletedProcess, rule: str, wildcards: str | None, init: str) -> None:
+    """In a `-n -p` plan, the one `rule` job (with these wildcards) has `init` as an input (so it
+    is built first) and passes it to its driver as model_name_or_path."""
+    text = proc.stdout + proc.stderr
+    jobs = [j for j in text.split(f"rule {rule}:")[1:] if wildcards is None or wildcards in j.split("\n\n", 1)[0]]
+    assert len(jobs) == 1, text[-3000:]
+    header, shell = jobs[0].split("\n\n", 1)[0], jobs[0][:6000]
+    assert init in header.split("output:", 1)[0], header
+    # the shell line quotes the JSON, so its quotes may appear escaped
+    assert f'model_name_or_path\\": \\"{init}' in shell or f'model_name_or_path": "{init}' in shell, shell[:3000]
+
+
 @pytest.mark.parametrize("choice, init", [
     ("pretrain", "results/demo/pretrain/checkpoint"),
     ("encoder", "results/demo/models/init"),
@@ -81,10 +93,7 @@ def test_demo_dry_run_plans_every_stage(tmp_path):
 ])
 def test_reranker_initialisation_choice(tmp_path, choice, init):
     proc = snakemake(tmp_path, "-n", "-p", "--config", f"models={{reranker: {choice}}}")
-    text = proc.stdout + proc.stderr
-    block = text.split("rule train_reranker:", 1)[1].split("\n\n", 1)[0]
-    assert f"{init}" in block.split("output:", 1)[0], block  # an input, so it is built first
-    assert f'\\"model_name_or_path\\": \\"{init}\\"' in text or f'"model_name_or_path": "{init}"' in text, text[-3000:]
+    assert_job_starts_from(proc, "train_reranker", None, init)
 
 
 @pytest.mark.parametrize("choice, init", [
@@ -93,20 +102,7 @@ def test_reranker_initialisation_choice(tmp_path, choice, init):
 ])
 def test_distilled_retriever_initialisation_choice(tmp_path, choice, init):
     proc = snakemake(tmp_path, "-n", "-p", "--config", f"distill={{init: {choice}}}")
-    text = proc.stdout + proc.stderr
-    blocks = [b for b in text.split("rule train_dense:")[1:] if "system=retriever_distill" in b.split("\n\n", 1)[0]]
-    assert len(blocks) == 1, text[-3000:]
-    block = blocks[0].split("\n\n", 1)[0]
-    assert init in block.split("output:", 1)[0], block  # an input, so it is built first
-    assert f'model_name_or_path\\": \\"{init}' in blocks[0] or f'model_name_or_path": "{init}' in blocks[0], blocks[0][:3000]
-
-
-def _merged(base: dict, over: dict) -> dict:
-    """Snakemake's --configfile merge: nested dicts merge, everything else replaces."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    assert_job_starts_from(proc, "train_dense", "system=retriever_distill", init)
 
 
 @pytest.mark.parametrize("name", ["msmarco", "nq", "beir"])
@@ -114,9 +110,10 @@ def test_paper_configs_do_not_inherit_demo_schedules(name):
     # configs/*.yaml are merged on top of config.yaml: a demo-only setting they leave unset
     # (a step count, the demo's initialisation shortcuts) would silently apply at paper scale.
     import yaml
+    from snakemake.utils import update_config
 
-    demo = yaml.safe_load((REPO / "config.yaml").read_text())
-    cfg = _merged(demo, yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()))
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(cfg, yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()))  # --configfile's merge
     sections = {"retriever": cfg["retriever"]["train"], "reranker": cfg["reranker"]["train"],
                 "distill": cfg["distill"]["train"], "retriever2": cfg["retriever2"]["train"]}
     for section, train in sections.items():
