@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -40,6 +41,30 @@ def test_wordpiece_tokenizer_round_trip(corpus, tmp_path):
     # a word outside the vocabulary splits into ## pieces (what whole-word masking relies on)
     assert any(p.startswith("##") for p in tok.convert_ids_to_tokens(tok("photosynthesisleaves")["input_ids"]))
     assert tok.decode(tok("plants and water")["input_ids"], skip_special_tokens=True) == "plants and water"
+
+
+def test_wordpiece_vocabulary_is_the_same_in_every_process(corpus, tmp_path):
+    """Hash-seeded tie-breaking (tokenizers' trainer) gave a new vocabulary per run; ours must not."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from simlm_core.modeling.scratch import train_wordpiece_tokenizer as t; "
+            "t(sys.argv[1], sys.argv[2], vocab_size=int(sys.argv[3]))")
+    vocabs = []
+    for i, seed in enumerate(["1", "2", "3"]):
+        out = tmp_path / f"tok{i}"
+        # 56 cuts through the 16 words, which all occur equally often: tie-breaking decides
+        subprocess.run([sys.executable, "-c", code, str(corpus), str(out), "56"], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        vocabs.append(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+        assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tok0" / "tokenizer.json").read_bytes()
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    assert sorted(vocabs[0].values()) == list(range(56))
+
+
+def test_wordpiece_vocabulary_too_small_for_the_alphabet_is_an_error(corpus, tmp_path):
+    with pytest.raises(ValueError, match="characters"):
+        train_wordpiece_tokenizer(corpus, tmp_path / "tok", vocab_size=20)
 
 
 def test_scratch_bert_loads_with_auto_classes_and_is_seeded(corpus, tmp_path):

@@ -4,10 +4,10 @@ randomly initialised BERT.
 The paper starts from ``bert-base-uncased``; the offline demo cannot download it, so this module
 builds the same *kind* of model from nothing:
 
-* :func:`train_wordpiece_tokenizer` learns an uncased WordPiece vocabulary with the ``tokenizers``
-  library (BERT normaliser and pre-tokeniser, ``##`` continuation prefix, the five BERT special
-  tokens with ``[PAD]`` at id 0), streaming the corpus Parquet in record batches, and saves it as
-  a standard BERT tokenizer (``vocab.txt`` + ``tokenizer.json``) that ``AutoTokenizer`` loads.
+* :func:`train_wordpiece_tokenizer` builds an uncased WordPiece vocabulary from the corpus (BERT
+  normaliser and pre-tokeniser, ``##`` continuation prefix, the five BERT special tokens with
+  ``[PAD]`` at id 0; frequent whole words plus character pieces, the same in every process),
+  streaming the corpus Parquet in record batches, and saves it as a standard BERT tokenizer (``tokenizer.json``) that ``AutoTokenizer`` loads.
   Because it is an ordinary BERT WordPiece vocabulary, whole-word masking (which looks for the
   ``##`` prefix) works on it exactly as on BERT's own.
 * :func:`build_scratch_bert` saves a seeded random ``BertForMaskedLM`` (encoder + MLM head) with
@@ -43,32 +43,49 @@ def train_wordpiece_tokenizer(
     lowercase: bool = True,
     min_frequency: int = 2,
 ) -> Path:
-    """Learn a BERT WordPiece vocabulary on the corpus and save it as a BERT tokenizer folder.
+    """Build a BERT WordPiece vocabulary from the corpus and save it as a BERT tokenizer folder.
 
-    Returns ``out_dir``. The folder appears atomically (complete or not at all).
+    The vocabulary is the five special tokens, every character seen (alone and as a ``##``
+    continuation), then the most frequent whole words (count >= ``min_frequency``, ties broken
+    alphabetically) up to ``vocab_size``. A word outside it splits into ``##`` pieces, as in BERT.
+    Words are found by BERT's own normaliser and pre-tokeniser from ``tokenizers``.
+
+    Why not ``tokenizers``' ``WordPieceTrainer``: it breaks ties between equal counts in hash-map
+    order, which is seeded per process, so the same corpus gave a different vocabulary (and ids) in
+    every run, and with it a different model after every stage. This one is the same for the same
+    corpus, in every process. Returns ``out_dir``; the folder appears atomically.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-    tok.normalizer = normalizers.BertNormalizer(
+    normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
     )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    tok.train_from_iterator(_iter_corpus_texts(corpus_path), trainer=trainer)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter[str] = Counter()
+    for texts in _iter_corpus_texts(corpus_path):
+        for text in texts:
+            word_counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
 
-    # The learned vocabulary inside transformers' BERT tokenizer, which builds the exact BERT
-    # pipeline (normaliser, pre-tokeniser, [CLS] A [SEP] B [SEP] template) around it.
-    vocab = dict(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]))
-    bert_tok = BertTokenizerFast(vocab=vocab, do_lower_case=lowercase)
+    chars = sorted({c for w in word_counts for c in w})
+    vocab = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+    if len(vocab) > vocab_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} cannot hold the special tokens and the corpus's {len(chars)} "
+            f"characters ({len(vocab)} entries); raise models.scratch.vocab_size"
+        )
+    taken = set(vocab)
+    frequent = sorted(
+        (w for w, n in word_counts.items() if n >= min_frequency and w not in taken),
+        key=lambda w: (-word_counts[w], w),
+    )
+    vocab += frequent[: vocab_size - len(vocab)]
+
+    # transformers' BERT tokenizer builds the exact BERT pipeline (normaliser, pre-tokeniser,
+    # [CLS] A [SEP] B [SEP] template) around the vocabulary.
+    bert_tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=lowercase)
     with atomic_dir(out_dir) as tmp:
         bert_tok.save_pretrained(tmp)
     return Path(out_dir)
