@@ -375,10 +375,84 @@ def bench_encode(args, device, size, work: Path, peak) -> list[dict]:
     ]
     rows.append(rate_row("encode", "tokenize_passages only (CPU, no model)", shape, n, "psg", real_tokens, 0.0,
                          tokenize_s, None, {"note": "the host-side ceiling of encode_texts / encode_corpus_shard"}))
+    if args.variants and (device.type == "cuda" or args.variants == 2):
+        rows += _encode_variants(args, device, size, encoder, batches, out, peak, shape, n, via_shard_kwargs={
+            "model_dir": model_dir, "corpus": corpus, "work": work, "bs": bs, "chunk_rows": chunk_rows,
+            "load_s": load_s})
     if bf16_probe is not None:
         rows.append(rate_row("encode", "probe: bare loop, CPU bf16 autocast", shape, n, "psg", padded_tokens, flops,
                              bf16_probe, peak, {"speedup_vs_fp32_bare": best_bare / bf16_probe,
                                                 "note": "encode.py uses fp32 on CPU; bf16 only on CUDA"}))
+    return rows
+
+
+def _pad_batches_to(batches: list[tuple[torch.Tensor, ...]], multiple: int) -> list[tuple[torch.Tensor, ...]]:
+    out = []
+    for b in batches:
+        extra = (-b[0].shape[1]) % multiple
+        out.append(tuple(torch.nn.functional.pad(t, (0, extra)) for t in b))
+    return out
+
+
+def _encode_variants(args, device, size, encoder, batches, out, peak, shape, n, via_shard_kwargs) -> list[dict]:
+    """GPU: the same forward with bf16 weights (no autocast), then also through torch.compile."""
+    import copy
+
+    from simlm_core.encode import encode_corpus_shard
+
+    enc_cfg = SIZES[size]["enc"]
+    enc_bf16 = copy.deepcopy(encoder).to(torch.bfloat16).eval()
+    batches8 = _pad_batches_to(batches, 8)
+    widths8 = [b[0].shape[1] for b in batches8 for _ in range(b[0].shape[0])]
+    flops8 = encoder_forward_flops(enc_cfg, widths8)
+
+    def loop(enc, bl) -> None:
+        with torch.inference_mode():
+            pos = 0
+            for ids, mask, tt in bl:
+                h = enc(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state[:, 0]
+                out[pos : pos + len(ids)] = torch.nn.functional.normalize(h.float(), dim=-1).to(out.dtype)
+                pos += len(ids)
+
+    def best_of(fn) -> float:
+        fn()  # warm-up
+        ts = []
+        for _ in range(args.repeats):
+            with Timer(device) as t:
+                fn()
+            ts.append(t.best)
+        return min(ts)
+
+    rows = []
+    sec = best_of(lambda: loop(enc_bf16, batches))
+    rows.append(rate_row("encode", "bare loop, bf16 weights (no autocast)", shape, n, "psg", float(sum(
+        b[0].numel() for b in batches)), encoder_forward_flops(enc_cfg, [b[0].shape[1] for b in batches
+                                                                         for _ in range(b[0].shape[0])]),
+        sec, peak))
+    t0 = time.perf_counter()
+    compiled = torch.compile(enc_bf16, dynamic=True)
+    loop(compiled, batches8)
+    sync(device)
+    compile_s = time.perf_counter() - t0
+    sec = best_of(lambda: loop(compiled, batches8))
+    rows.append(rate_row("encode", "bare loop, bf16 weights + torch.compile (widths x8)", shape, n, "psg",
+                         float(sum(widths8)), flops8, sec, peak, {"compile_seconds": compile_s}))
+    kw = via_shard_kwargs
+    t0 = time.perf_counter()
+    summary = encode_corpus_shard(kw["model_dir"], kw["corpus"], 0, 1, kw["work"] / "emb_c.npy",
+                                  kw["work"] / "ids_c.parquet", batch_size=kw["bs"], device=device, bf16=True,
+                                  chunk_rows=kw["chunk_rows"], show_progress=False, compile=True)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    summary = encode_corpus_shard(kw["model_dir"], kw["corpus"], 0, 1, kw["work"] / "emb_c.npy",
+                                  kw["work"] / "ids_c.parquet", batch_size=kw["bs"], device=device, bf16=True,
+                                  chunk_rows=kw["chunk_rows"], show_progress=False, compile=True)
+    second = time.perf_counter() - t0
+    net = max(1e-9, second - kw["load_s"])
+    rows.append(rate_row("encode", "encode_corpus_shard(compile=True), 2nd call (excl. load)", shape, n, "psg",
+                         float(sum(widths8)), flops8, net, peak,
+                         {"first_call_wall_s": first, "second_call_wall_s": second, "summary": summary}))
+    del enc_bf16, compiled
     return rows
 
 
@@ -428,6 +502,17 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     for i in range(args.warmup):
         step(batches[i % len(batches)])
     sec, iter_times = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
+    compiled_sec = compile_s = None
+    if args.variants and (device.type == "cuda" or args.variants == 2):
+        eager = model
+        model = torch.compile(eager)  # what TrainingArguments(torch_compile=True) does to the model
+        t0 = time.perf_counter()
+        for i in range(args.warmup):
+            step(batches[i % len(batches)])
+        sync(device)
+        compile_s = time.perf_counter() - t0
+        compiled_sec, _ = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
+        model = eager
 
     b0 = batches_cpu[0]
     s = b0["input_ids"].shape[1] if "input_ids" in b0 else b0["encoder_input_ids"].shape[1]
@@ -451,8 +536,13 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
                        "collator_passages_per_s": B / collate_s,
                        "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / C.GIB) if device.type == "cuda" else None,
                    })
+    rows = [row]
+    if compiled_sec is not None:
+        rows.append(rate_row("pretrain", "SimLM RLM step, torch.compile(model)", f"{B} x {s}, gen frozen", B, "psg",
+                             tokens, flops, compiled_sec, peak, {"step_seconds": compiled_sec,
+                                                                  "compile_seconds": compile_s}))
     del model, opt, encoder, generator, batches
-    return [row]
+    return rows
 
 
 def _simple_rlm_collator(tok, max_len: int) -> Callable:
@@ -511,6 +601,17 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
     for i in range(args.warmup):
         step(*batches[i % 2])
     sec, iter_times = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
+    compiled_sec = compile_s = None
+    if args.variants and (device.type == "cuda" or args.variants == 2):
+        eager = model
+        model = torch.compile(eager)
+        t0 = time.perf_counter()
+        for i in range(args.warmup):
+            step(*batches[i % 2])
+        sync(device)
+        compile_s = time.perf_counter() - t0
+        compiled_sec, _ = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
+        model = eager
     fwd = encoder_forward_flops(enc_cfg, [lq] * Q) + encoder_forward_flops(enc_cfg, [lp] * (Q * G))
     fwd += 2 * Q * (Q * G) * enc_cfg["hidden_size"]  # score matrix
     flops = 3 * fwd
@@ -521,8 +622,13 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
                        "iteration_seconds": iter_times,
                        "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / C.GIB) if device.type == "cuda" else None,
                    })
+    rows = [row]
+    if compiled_sec is not None:
+        rows.append(rate_row("biencoder", "BiEncoder step, torch.compile(model)", f"{Q} q x group {G}, q {lq} / p {lp}",
+                             Q, "query", tokens, flops, compiled_sec, peak, {"step_seconds": compiled_sec,
+                                                                             "compile_seconds": compile_s}))
     del model, opt, batches
-    return [row]
+    return rows
 
 
 PARTS = {"encode": bench_encode, "pretrain": bench_pretrain, "biencoder": bench_biencoder}
@@ -538,6 +644,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=None, help="encode: interleaved repeats, best kept (cuda 2, cpu 3)")
     ap.add_argument("--chunk-rows", type=int, default=None, help="encode_corpus_shard chunk_rows (default: cuda n/4, cpu 50,000)")
+    ap.add_argument("--variants", type=int, default=1,
+                    help="1: on cuda also time bf16 weights and torch.compile variants; 2: on CPU too (smoke test); 0: off")
     ap.add_argument("--cpu-bf16-probe", type=int, default=1, help="cpu: also time the bare loop under bf16 autocast (0: off)")
     for key in DEFAULTS:
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=None)
@@ -602,7 +710,7 @@ def main() -> None:
                   f"speed (encode.py uses fp32 on CPU)")
         if r.get("overhead_vs_bare") is not None:
             print(f"overhead {r['what']}: {r['overhead_vs_bare']:.3f}x the bare loop (target <= 1.1x on CPU)")
-        if r["part"] == "pretrain":
+        if r["part"] == "pretrain" and "collator_seconds_per_batch" in r:
             print(f"RLM collator on CPU: {r['collator_seconds_per_batch'] * 1e3:.0f} ms per batch of "
                   f"{args.pretrain_batch} ({r['collator_passages_per_s']:.0f} psg/s per worker; "
                   f"model step {r['step_seconds'] * 1e3:.0f} ms)")

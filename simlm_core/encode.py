@@ -11,8 +11,12 @@ memory-mapped ``.npy`` written at a temp path and renamed when complete; ids go 
 (``pid``) in the same order, likewise atomically.
 
 GPU: inputs are pinned and moved with ``non_blocking``; a chunk's embeddings are collected on
-the device and copied to the host once per chunk (no per-batch sync); bf16 autocast where the
-GPU supports it. CPU: fp32, ``torch.inference_mode``.
+the device and copied to the host once per chunk (no per-batch sync). With ``bf16`` (where the
+GPU supports it) a corpus shard is encoded by a bf16 copy of the weights: autocast would re-cast
+every weight and keep LayerNorm outputs in fp32 on each call, memory traffic that the measured
+BERT-base forward at these sequence lengths is bound by (benchmarks/model_throughput.py).
+``compile=True`` also runs the encoder through ``torch.compile`` (dynamic shapes; batch widths
+padded to a multiple of 8 so few shapes occur). CPU: fp32, ``torch.inference_mode``.
 
 Pooling, normalisation and passage formatting come from the model dir's
 ``biencoder_config.json`` (written by training) or are given explicitly for a raw HF model
@@ -52,6 +56,7 @@ __all__ = [
     "encode_texts",
     "encode_queries",
     "encode_corpus_shard",
+    "compile_encoder",
     "shard_range",
 ]
 
@@ -75,16 +80,37 @@ def load_encoder(
     normalize: bool | None = None,
     passage_format: str | None = None,
     device: str | torch.device = "auto",
+    dtype: torch.dtype | None = None,
 ) -> BiEncoder:
-    """A :class:`BiEncoder` in eval mode on ``device`` (with its tokenizer in ``.tokenizer``)."""
+    """A :class:`BiEncoder` in eval mode on ``device`` (with its tokenizer in ``.tokenizer``).
+
+    ``dtype`` (e.g. ``torch.bfloat16``) casts the weights: for inference only.
+    """
     model = BiEncoder.from_pretrained(model_dir, pooling, normalize, passage_format=passage_format)
     if model.tokenizer is None:
         raise ValueError(f"{model_dir}: no tokenizer found beside the model")
-    return model.to(resolve_device(device)).eval()
+    model = model.to(resolve_device(device))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
 
 
 def _use_bf16(device: torch.device, bf16: bool) -> bool:
     return bool(bf16) and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _precision_context(model: BiEncoder, device: torch.device, bf16: bool) -> Any:
+    """bf16 autocast for fp32 weights on a bf16 GPU; nothing for weights already cast (or CPU)."""
+    weights_fp32 = next(model.parameters()).dtype == torch.float32
+    if weights_fp32 and _use_bf16(device, bf16):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compile_encoder(model: BiEncoder) -> BiEncoder:
+    """Run ``model``'s transformer through ``torch.compile`` (dynamic shapes: batch widths vary)."""
+    model.encoder = torch.compile(model.encoder, dynamic=True)
+    return model
 
 
 class _Tokenized:
@@ -129,6 +155,7 @@ def _encode_tokenized(
     bf16: bool,
     out_dtype: torch.dtype,
     progress: Any,
+    width_multiple: int = 1,
 ) -> torch.Tensor:
     device = next(model.parameters()).device
     n = len(tokenized)
@@ -138,20 +165,16 @@ def _encode_tokenized(
     lengths = tokenized.lengths
     order = np.argsort(-lengths, kind="stable")  # longest first: a too-large batch fails at once
     cuda = device.type == "cuda"
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if _use_bf16(device, bf16) else contextlib.nullcontext()
-    )
-
     def to_device(a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
         if cuda:
             t = t.pin_memory()
         return t.to(device, non_blocking=True)
 
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), _precision_context(model, device, bf16):
         for s in range(0, n, batch_size):
             idx = order[s : s + batch_size]
-            width = int(lengths[idx[0]])
+            width = -(-int(lengths[idx[0]]) // width_multiple) * width_multiple
             ids = np.full((len(idx), width), pad_id, dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
             tts = np.zeros((len(idx), width), dtype=np.int64) if tokenized.type_ids is not None else None
@@ -270,11 +293,13 @@ def encode_corpus_shard(
     normalize: bool | None = None,
     passage_format: str | None = None,
     show_progress: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Encode one shard of the corpus to ``out_embeddings`` (fp16 ``.npy``) + ``out_ids`` (Parquet).
 
-    ``max_len`` None: the model's p_max_len (144). Returns a summary (rows, dim, seconds,
-    passages/s, device).
+    ``max_len`` None: the model's p_max_len (144). ``bf16`` on a GPU that has it: the weights are
+    cast to bf16. ``compile``: ``torch.compile`` the encoder (pays off on large shards; the first
+    batches wait for compilation). Returns a summary (rows, dim, seconds, passages/s, device).
     """
     t0 = time.time()
     pf = pq.ParquetFile(corpus_path)
@@ -283,8 +308,14 @@ def encode_corpus_shard(
         raise InputError(corpus_path, f"missing column(s) {missing}; has {pf.schema_arrow.names}")
     start, end = shard_range(pf.metadata.num_rows, shard_index, num_shards)
     n = end - start
-    model = load_encoder(model_dir, pooling, normalize, passage_format, device)
-    dev = next(model.parameters()).device
+    dev = resolve_device(device)
+    use_bf16 = _use_bf16(dev, bf16)
+    model = load_encoder(model_dir, pooling, normalize, passage_format, dev,
+                         dtype=torch.bfloat16 if use_bf16 else None)
+    width_multiple = 1
+    if compile:
+        compile_encoder(model)
+        width_multiple = 8
     dim = model.hidden_size
     max_len = max_len or model.bi_config.p_max_len
     Path(out_embeddings).parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +347,8 @@ def encode_corpus_shard(
                     pids, tokenized = pending.result()
                     nxt = next(chunks, None)
                     pending = pool.submit(prepare, nxt) if nxt is not None else None
-                    emb = _encode_tokenized(model, tokenized, pad_id, batch_size, bf16, torch.float16, bar)
+                    emb = _encode_tokenized(model, tokenized, pad_id, batch_size, bf16, torch.float16, bar,
+                                            width_multiple)
                     mm[written : written + len(tokenized)] = emb.cpu().numpy()
                     ids_writer.write({"pid": pids})
                     written += len(tokenized)
@@ -337,7 +369,8 @@ def encode_corpus_shard(
         "seconds": round(seconds, 3),
         "passages_per_s": round(n / seconds, 1) if seconds > 0 else None,
         "device": str(dev),
-        "bf16": _use_bf16(dev, bf16),
+        "bf16": use_bf16,
+        "compiled": bool(compile),
         "out_embeddings": str(out_embeddings),
         "out_ids": str(out_ids),
     }
