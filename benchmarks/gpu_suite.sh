@@ -8,7 +8,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
 python3 - <<'PY'
-# Host side of encoding: the Rust tokenizer's batch call and how many cores it may use.
+# Host-side probe: the Rust tokenizer's batch call, and how many cores it may use.
 import os, sys, time
 sys.path.insert(0, "benchmarks")
 import model_throughput as M
@@ -30,8 +30,8 @@ ids = [e.ids for e in enc]
 t2 = time.perf_counter()
 print(f"rust encode_batch {len(texts) / (t1 - t):,.0f} psg/s; .ids to Python lists {len(texts) / (t2 - t1):,.0f} psg/s")
 PY
-timeout 80 python3 benchmarks/faiss_search.py --device cuda --out "$out/faiss_search-cuda.json" 2>&1 | tail -25
-for part in encode biencoder pretrain; do
+[ -n "${SKIP_FAISS:-}" ] || timeout 80 python3 benchmarks/faiss_search.py --device cuda --out "$out/faiss_search-cuda.json" 2>&1 | tail -25
+for part in ${PARTS:-encode biencoder pretrain}; do
   case $part in encode) cap=200;; biencoder) cap=140;; pretrain) cap=150;; esac
   echo "== $part (cap ${cap}s)"
   timeout $cap python3 benchmarks/model_throughput.py --device cuda --parts $part \

@@ -250,8 +250,9 @@ def bench_encode(args, device, size, work: Path, peak) -> list[dict]:
     import pyarrow.parquet as pq
     from transformers import BertConfig, BertModel
 
-    from simlm_core.collators import tokenize_passages
-    from simlm_core.encode import encode_corpus_shard, encode_texts, load_encoder
+    from simlm_core.collators import passage_inputs, tokenize_passages
+    from simlm_core.encode import default_tokenize_workers, encode_corpus_shard, encode_texts, load_encoder
+    from simlm_core.tokenized import TokenizePool
     from simlm_core.modeling.biencoder import BiEncoder
 
     n, bs, max_len = args.encode_passages, args.encode_batch, 144
@@ -328,10 +329,10 @@ def bench_encode(args, device, size, work: Path, peak) -> list[dict]:
     corpus = work / "corpus.parquet"
     pq.write_table(pa.table({"pid": [str(i) for i in range(n)], "title": [""] * n, "text": texts}), corpus)
 
-    def via_shard() -> dict:
+    def via_shard(**kw) -> dict:
         return encode_corpus_shard(model_dir, corpus, 0, 1, work / "emb.npy", work / "ids.parquet",
                                    batch_size=bs, device=device, bf16=True, chunk_rows=chunk_rows,
-                                   show_progress=False)
+                                   show_progress=False, **kw)
 
     # Interleaved repeats, best of each: robust to a noisy shared machine.
     times: dict[str, list[float]] = {"bare": [], "encode_texts": [], "encode_corpus_shard": []}
@@ -375,6 +376,21 @@ def bench_encode(args, device, size, work: Path, peak) -> list[dict]:
     ]
     rows.append(rate_row("encode", "tokenize_passages only (CPU, no model)", shape, n, "psg", real_tokens, 0.0,
                          tokenize_s, None, {"note": "the host-side ceiling of encode_texts / encode_corpus_shard"}))
+    workers = default_tokenize_workers(device)
+    if workers:
+        with TokenizePool(tok, max_len, workers) as tpool:
+            inputs = passage_inputs([t for t, _ in items], [x for _, x in items], "pair")
+            tpool.tokenize(inputs[: 64 * workers])  # start the workers
+            t0 = time.perf_counter()
+            tpool.tokenize(inputs)
+            pool_s = time.perf_counter() - t0
+        rows.append(rate_row("encode", f"TokenizePool, {workers} worker processes (no model)", shape, n, "psg",
+                             real_tokens, 0.0, pool_s, None))
+        t0 = time.perf_counter()
+        via_shard(tokenize_workers=0)
+        one_s = max(1e-9, time.perf_counter() - t0 - load_s)
+        rows.append(rate_row("encode", "encode_corpus_shard, tokenize_workers=0 (excl. load)", shape, n, "psg",
+                             padded_tokens, flops, one_s, peak, {"overhead_vs_bare": one_s / best_bare}))
     if args.variants and (device.type == "cuda" or args.variants == 2):
         rows += _encode_variants(args, device, size, encoder, batches, out, peak, shape, n, via_shard_kwargs={
             "model_dir": model_dir, "corpus": corpus, "work": work, "bs": bs, "chunk_rows": chunk_rows,

@@ -153,6 +153,8 @@ rule encode_shard:
                 "out_ids": embedding_shard_path(wc.system, wc.shard, ".ids.parquet"),
                 "batch_size": config["encode"]["batch_size"],
                 "max_len": config["encode"]["p_max_len"],
+                "compile": config["encode"]["compile"],
+                "tokenize_workers": config["encode"]["tokenize_workers"],
             }
         ),
     threads: config["resources"]["cpu_threads"]

@@ -62,6 +62,15 @@ def tokenize_queries(tokenizer: Any, texts: Sequence[str], max_len: int, **kwarg
     return tokenizer(list(texts), max_length=max_len, truncation=True, **kwargs)
 
 
+def passage_inputs(titles: Sequence[str | None], texts: Sequence[str], passage_format: str = "pair") -> list:
+    """What the tokenizer is given per passage: ``(title, text)`` pairs, or one joined string."""
+    if passage_format == "pair":
+        return [(t or "", x) for t, x in zip(titles, texts)]
+    if passage_format == "concat":
+        return [passage_text(t, x) for t, x in zip(titles, texts)]
+    raise ValueError(f"passage_format must be 'pair' or 'concat', got {passage_format!r}")
+
+
 def tokenize_passages(
     tokenizer: Any,
     titles: Sequence[str | None],
@@ -71,14 +80,11 @@ def tokenize_passages(
     **kwargs: Any,
 ):
     """Tokenise passages the one way training and encoding share (see the module docstring)."""
+    inputs = passage_inputs(titles, texts, passage_format)
     if passage_format == "pair":
-        return tokenizer(
-            [t or "" for t in titles], text_pair=list(texts), max_length=max_len, truncation=True, **kwargs
-        )
-    if passage_format == "concat":
-        joined = [passage_text(t, x) for t, x in zip(titles, texts)]
-        return tokenizer(joined, max_length=max_len, truncation=True, **kwargs)
-    raise ValueError(f"passage_format must be 'pair' or 'concat', got {passage_format!r}")
+        return tokenizer([a for a, _ in inputs], text_pair=[b for _, b in inputs], max_length=max_len,
+                         truncation=True, **kwargs)
+    return tokenizer(inputs, max_length=max_len, truncation=True, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    """``torch.compile`` the model (GPU; measured 1.25-1.34x per step on BERT-base, H200)."""
     save_steps: int = 500
     save_total_limit: int = 2
     logging_steps: int = 50
@@ -99,6 +101,7 @@ def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArgumen
         disable_tqdm=cfg.disable_tqdm,
         save_safetensors=True,
         ddp_find_unused_parameters=False,
+        torch_compile=cfg.torch_compile,
     )
     valid = {f.name for f in dataclasses.fields(TrainingArguments)}
     # transformers 5.x renamed gradient_checkpointing (now a deprecated alias) to activation_checkpointing.

