@@ -251,8 +251,8 @@ def bench_encode(args, device, size, work: Path, peak) -> list[dict]:
     from transformers import BertConfig, BertModel
 
     from simlm_core.collators import passage_inputs, tokenize_passages
-    from simlm_core.encode import default_tokenize_workers, encode_corpus_shard, encode_texts, load_encoder
-    from simlm_core.tokenized import TokenizePool
+    from simlm_core.encode import encode_corpus_shard, encode_texts, load_encoder
+    from simlm_core.tokenized import BackendTokenizer
     from simlm_core.modeling.biencoder import BiEncoder
 
     n, bs, max_len = args.encode_passages, args.encode_batch, 144
@@ -374,23 +374,15 @@ def bench_encode(args, device, size, work: Path, peak) -> list[dict]:
                  shard_net, peak, {"overhead_vs_bare": shard_net / best_bare, "wall_incl_load_s": shard_s,
                                    "model_load_s": load_s, "summary": summary}),
     ]
-    rows.append(rate_row("encode", "tokenize_passages only (CPU, no model)", shape, n, "psg", real_tokens, 0.0,
-                         tokenize_s, None, {"note": "the host-side ceiling of encode_texts / encode_corpus_shard"}))
-    workers = default_tokenize_workers(device)
-    if workers:
-        with TokenizePool(tok, max_len, workers) as tpool:
-            inputs = passage_inputs([t for t, _ in items], [x for _, x in items], "pair")
-            tpool.tokenize(inputs[: 64 * workers])  # start the workers
-            t0 = time.perf_counter()
-            tpool.tokenize(inputs)
-            pool_s = time.perf_counter() - t0
-        rows.append(rate_row("encode", f"TokenizePool, {workers} worker processes (no model)", shape, n, "psg",
-                             real_tokens, 0.0, pool_s, None))
-        t0 = time.perf_counter()
-        via_shard(tokenize_workers=0)
-        one_s = max(1e-9, time.perf_counter() - t0 - load_s)
-        rows.append(rate_row("encode", "encode_corpus_shard, tokenize_workers=0 (excl. load)", shape, n, "psg",
-                             padded_tokens, flops, one_s, peak, {"overhead_vs_bare": one_s / best_bare}))
+    rows.append(rate_row("encode", "tokenize_passages only (CPU, no model; transformers' call)", shape, n, "psg",
+                         real_tokens, 0.0, tokenize_s, None))
+    backend = BackendTokenizer(tok, max_len)
+    inputs = passage_inputs([t for t, _ in items], [x for _, x in items], "pair")
+    t0 = time.perf_counter()
+    backend(inputs)
+    backend_s = time.perf_counter() - t0
+    rows.append(rate_row("encode", "BackendTokenizer only (CPU, no model; what encoding uses)", shape, n, "psg",
+                         real_tokens, 0.0, backend_s, None))
     if args.variants and (device.type == "cuda" or args.variants == 2):
         rows += _encode_variants(args, device, size, encoder, batches, out, peak, shape, n, via_shard_kwargs={
             "model_dir": model_dir, "corpus": corpus, "work": work, "bs": bs, "chunk_rows": chunk_rows,

@@ -154,7 +154,6 @@ rule encode_shard:
                 "batch_size": config["encode"]["batch_size"],
                 "max_len": config["encode"]["p_max_len"],
                 "compile": config["encode"]["compile"],
-                "tokenize_workers": config["encode"]["tokenize_workers"],
             }
         ),
     threads: config["resources"]["cpu_threads"]

@@ -3,9 +3,9 @@
 Corpus shard ``i`` of ``n`` is the contiguous row range ``[i*N//n, (i+1)*N//n)`` of the corpus
 Parquet. It is read row group by row group (groups outside the range are never decoded) and
 encoded chunk by chunk: only one chunk's text (``chunk_rows`` passages) is held at a time; a
-helper thread tokenises the next chunk (on a GPU through a pool of worker processes,
-:class:`simlm_core.tokenized.TokenizePool`) while the device encodes the current one (so at most
-two chunks of token ids exist).
+helper thread tokenises the next chunk (straight through the fast tokenizer's Rust backend,
+:class:`simlm_core.tokenized.BackendTokenizer`) while the device encodes the current one (so at
+most two chunks of token ids exist).
 Within a chunk passages are sorted by token length (longest first) so each batch pads to
 nearly its own length; embeddings are written back in corpus order. Embeddings are fp16 in a
 memory-mapped ``.npy`` written at a temp path and renamed when complete; ids go to a Parquet
@@ -48,7 +48,7 @@ from simlm_core.io import (
     load_queries,
 )
 from simlm_core.modeling.biencoder import BiEncoder
-from simlm_core.tokenized import TokenizePool, Tokenized
+from simlm_core.tokenized import BackendTokenizer, Tokenized
 
 PathLike = str | os.PathLike[str]
 
@@ -59,7 +59,6 @@ __all__ = [
     "encode_queries",
     "encode_corpus_shard",
     "compile_encoder",
-    "default_tokenize_workers",
     "shard_range",
 ]
 
@@ -121,14 +120,27 @@ def _tokenize_items(
     texts: Sequence[str] | Sequence[tuple[str | None, str]],
     max_len: int,
     passage_format: str,
+    backend: BackendTokenizer | None = None,
 ) -> Tokenized:
-    if len(texts) and isinstance(texts[0], tuple):
-        enc = tokenize_passages(
-            tokenizer, [t for t, _ in texts], [x for _, x in texts], max_len, passage_format,
-            return_attention_mask=False,
-        )
+    """Queries (``str`` items) or passages (``(title, text)`` items) -> :class:`Tokenized`.
+
+    A fast tokenizer goes through its Rust backend (``backend``, made here when not given);
+    a slow one through its ordinary call.
+    """
+    passages = bool(len(texts)) and isinstance(texts[0], tuple)
+    if passages:
+        inputs = passage_inputs([t for t, _ in texts], [x for _, x in texts], passage_format)
     else:
-        enc = tokenize_queries(tokenizer, texts, max_len, return_attention_mask=False)
+        inputs = list(texts)
+    if backend is None and getattr(tokenizer, "backend_tokenizer", None) is not None:
+        backend = BackendTokenizer(tokenizer, max_len)
+    if backend is not None:
+        return backend(inputs)
+    if passages:
+        enc = tokenize_passages(tokenizer, [t for t, _ in texts], [x for _, x in texts], max_len, passage_format,
+                                return_attention_mask=False)
+    else:
+        enc = tokenize_queries(tokenizer, inputs, max_len, return_attention_mask=False)
     return Tokenized.from_lists(enc["input_ids"], enc.get("token_type_ids"))
 
 
@@ -140,16 +152,6 @@ def _tokenize(
     passage_format: str | None,
 ) -> Tokenized:
     return _tokenize_items(tokenizer, texts, max_len, passage_format or model.bi_config.passage_format)
-
-
-def default_tokenize_workers(device: torch.device) -> int:
-    """Worker processes that tokenise a shard: none on CPU (the model needs the cores); on a GPU,
-    enough that the host keeps up (one process converts ~20k passages/s to ids, the measured
-    BERT-base bf16 forward on an H200 takes ~30k/s), leaving two cores to the main process."""
-    if device.type == "cpu":
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 2))
 
 
 def _encode_tokenized(
@@ -291,15 +293,12 @@ def encode_corpus_shard(
     passage_format: str | None = None,
     show_progress: bool = True,
     compile: bool = False,
-    tokenize_workers: int | None = None,
 ) -> dict[str, Any]:
     """Encode one shard of the corpus to ``out_embeddings`` (fp16 ``.npy``) + ``out_ids`` (Parquet).
 
     ``max_len`` None: the model's p_max_len (144). ``bf16`` on a GPU that has it: the weights are
     cast to bf16. ``compile``: ``torch.compile`` the encoder (pays off on large shards; the first
-    batches wait for compilation). ``tokenize_workers``: processes that tokenise each chunk in
-    slices (0: a helper thread; None: :func:`default_tokenize_workers`). Returns a summary (rows,
-    dim, seconds, passages/s, device).
+    batches wait for compilation). Returns a summary (rows, dim, seconds, passages/s, device).
     """
     t0 = time.time()
     pf = pq.ParquetFile(corpus_path)
@@ -333,19 +332,16 @@ def encode_corpus_shard(
             batches = _iter_shard_batches(pf, start, end, batch_rows=min(chunk_rows, 65_536))
 
             fmt = passage_format or model.bi_config.passage_format
-            workers = default_tokenize_workers(dev) if tokenize_workers is None else tokenize_workers
-            tokenizer_pool = TokenizePool(model.tokenizer, max_len, workers) if workers > 0 else None
+            backend = BackendTokenizer(model.tokenizer, max_len) if hasattr(model.tokenizer, "backend_tokenizer") else None
 
             def prepare(chunk: pa.Table) -> tuple[pa.Array, Tokenized]:
-                # Runs in a helper thread, so chunk k+1 is tokenised while the device encodes
-                # chunk k; the text is dropped once tokenised.
-                titles, texts = chunk.column("title").to_pylist(), chunk.column("text").to_pylist()
-                if tokenizer_pool is None:
-                    return chunk.column("pid"), _tokenize_items(model.tokenizer, list(zip(titles, texts)), max_len, fmt)
-                return chunk.column("pid"), tokenizer_pool.tokenize(passage_inputs(titles, texts, fmt))
+                # Runs in a helper thread (the Rust batch call releases the GIL), so chunk k+1 is
+                # tokenised while the device encodes chunk k; the text is dropped once tokenised.
+                items = list(zip(chunk.column("title").to_pylist(), chunk.column("text").to_pylist()))
+                return chunk.column("pid"), _tokenize_items(model.tokenizer, items, max_len, fmt, backend)
 
             pad_id = _pad_id(model.tokenizer)
-            with ThreadPoolExecutor(max_workers=1) as pool, tokenizer_pool or contextlib.nullcontext():
+            with ThreadPoolExecutor(max_workers=1) as pool:
                 chunks = _iter_chunks(batches, chunk_rows)
                 first = next(chunks, None)
                 pending = pool.submit(prepare, first) if first is not None else None
@@ -377,7 +373,6 @@ def encode_corpus_shard(
         "device": str(dev),
         "bf16": use_bf16,
         "compiled": bool(compile),
-        "tokenize_workers": workers if n else 0,
         "out_embeddings": str(out_embeddings),
         "out_ids": str(out_ids),
     }

@@ -1,4 +1,4 @@
-"""Flat token-id arrays and the worker-process tokenizer against transformers' own call."""
+"""Flat token-id arrays and the Rust-backend tokenizer against transformers' own call."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from simlm_core.collators import passage_inputs, tokenize_passages
-from simlm_core.tokenized import TokenizePool, Tokenized
+from simlm_core.tokenized import BackendTokenizer, Tokenized
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +27,30 @@ PASSAGES = [
 
 
 @pytest.mark.parametrize("passage_format", ["pair", "concat"])
-def test_pool_gives_the_ids_transformers_gives(minilm_tokenizer, passage_format):
+def test_backend_gives_the_ids_transformers_gives(minilm_tokenizer, passage_format):
     titles, texts = [t for t, _ in PASSAGES], [x for _, x in PASSAGES]
     ref = tokenize_passages(minilm_tokenizer, titles, texts, 24, passage_format)
-    with TokenizePool(minilm_tokenizer, 24, workers=2) as pool:
-        got = pool.tokenize(passage_inputs(titles, texts, passage_format))
-        assert len(pool.tokenize([])) == 0
+    backend = BackendTokenizer(minilm_tokenizer, 24)
+    got = backend(passage_inputs(titles, texts, passage_format))
+    assert len(backend([])) == 0
     assert len(got) == len(PASSAGES)
     for i in range(len(PASSAGES)):
         lo, hi = got.offsets[i], got.offsets[i + 1]
         assert got.ids[lo:hi].tolist() == ref["input_ids"][i]
         assert got.type_ids[lo:hi].tolist() == ref["token_type_ids"][i]
     assert max(got.lengths) == 24  # truncated like transformers' longest_first
+    # the tokenizer's own backend is left as it was (the copy carries the truncation)
+    after = tokenize_passages(minilm_tokenizer, titles, texts, 40, passage_format)
+    assert max(len(x) for x in after["input_ids"]) > 24
+
+
+def test_queries_through_the_backend(minilm_tokenizer):
+    from simlm_core.collators import tokenize_queries
+
+    queries = ["what is photosynthesis", "A LONG QUERY " * 10, "x"]
+    got = BackendTokenizer(minilm_tokenizer, 12)(queries)
+    ref = tokenize_queries(minilm_tokenizer, queries, 12)
+    assert [got.ids[got.offsets[i]:got.offsets[i + 1]].tolist() for i in range(3)] == ref["input_ids"]
 
 
 def test_padded_rows_and_concat():
@@ -56,5 +68,5 @@ def test_slow_tokenizer_is_refused():
     class Slow:
         pass
 
-    with pytest.raises(ValueError, match="fast"):
-        TokenizePool(Slow(), 8, workers=1)
+    with pytest.raises(ValueError, match="fast tokenizer"):
+        BackendTokenizer(Slow(), 8)

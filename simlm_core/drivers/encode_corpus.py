@@ -39,8 +39,6 @@ class EncodeCorpusArgs:
     show_progress: bool = True
     compile: bool = False
     """torch.compile the encoder (GPU; widths padded to x8)."""
-    tokenize_workers: int | None = None
-    """Processes tokenising each chunk; None: none on CPU, up to 8 on a GPU."""
 
 
 def main(argv: list[str] | None = None) -> int:
