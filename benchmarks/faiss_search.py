@@ -127,26 +127,12 @@ def faiss_gpu(index_path: Path, ids_path: Path, queries: np.ndarray, k: int, bat
                 {"end_to_end_seconds": total, "on_gpu": on_gpu, "rows": len(run)})]
 
 
-def torch_topk(emb, q, k: int, chunk: int):
-    """Exact top-k of q @ emb^T, chunk by chunk over the rows of emb (values, row indices)."""
-    import torch
-
-    best_v = best_i = None
-    for s in range(0, emb.shape[0], chunk):
-        scores = q @ emb[s : s + chunk].T
-        kk = min(k, scores.shape[1])
-        v, i = torch.topk(scores, kk, dim=1)
-        i = i + s
-        if best_v is not None:
-            v, j = torch.topk(torch.cat([best_v, v], dim=1), min(k, best_v.shape[1] + kk), dim=1)
-            i = torch.gather(torch.cat([best_i, i], dim=1), 1, j)
-        best_v, best_i = v, i
-    return best_v, best_i
-
-
 def torch_search(n: int, dim: int, queries: np.ndarray, k: int, device: str, shards: list[Path] | None,
                  chunk: int, seed: int) -> dict:
+    """``simlm_core.index.torch_topk`` (what ``TorchFlatIndex`` runs) over N x D on ``device``."""
     import torch
+
+    from simlm_core.index import torch_topk
 
     dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32

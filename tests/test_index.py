@@ -304,3 +304,35 @@ def test_gpu_search_matches_cpu(tmp_path):
     assert len(big) == 30 * 1000 and big.pid.str.startswith("p").all()  # k > ntotal: no -1 rows
     huge = search(tmp_path / "i.faiss", tmp_path / "i.parquet", q, qids, top_k=3000, use_gpu=False)
     assert len(huge) == 30 * 1000
+
+
+@pytest.mark.parametrize("index_type", ["flat", "flat_fp16"])
+def test_torch_search_when_faiss_has_no_gpu(tmp_path, monkeypatch, index_type):
+    """faiss without GPU support + torch seeing a GPU: a flat index is searched with torch.
+    The test stands the CPU in for the GPU; the code path is the same."""
+    import simlm_core.index as index_mod
+
+    emb_paths, ids_paths, _, _ = write_shards(tmp_path, [300, 250], dim=32)
+    build_index(emb_paths, ids_paths, tmp_path / "i.faiss", tmp_path / "i.parquet", index_type=index_type)
+    build_index(emb_paths, ids_paths, tmp_path / "h.faiss", tmp_path / "h.parquet", index_type="hnsw",
+                hnsw_m=8, recall_sample=0)
+    q = np.random.default_rng(3).standard_normal((21, 32)).astype(np.float32)
+    qids = [f"q{i}" for i in range(21)]
+    cpu = search(tmp_path / "i.faiss", tmp_path / "i.parquet", q, qids, top_k=40, use_gpu=False)
+    monkeypatch.setattr(index_mod, "_torch_gpu", lambda: "cpu")
+    assert not index_mod.gpu_available()
+    index, on_gpu = index_mod.load_index(tmp_path / "i.faiss", use_gpu="auto", fp16_gpu=False)
+    assert on_gpu and isinstance(index, index_mod.TorchFlatIndex)
+    index.chunk_rows = 128  # several chunks: the running top-k merge is exercised
+    got = pa.concat_tables(index_mod.search_batches(index, index_mod.read_ids(tmp_path / "i.parquet"), q, qids,
+                                                    top_k=40, batch_size=8, progress=False)).to_pandas()
+    assert got.qid.tolist() == cpu.qid.tolist() and got["rank"].tolist() == cpu["rank"].tolist()
+    np.testing.assert_allclose(got.score.to_numpy(), cpu.score.to_numpy(), rtol=1e-5, atol=1e-4)
+    assert (got.pid == cpu.pid).mean() > 0.99  # equal up to the order of tied scores
+    # fp16 on the device (the default) ranks the same passages up to fp16 rounding
+    fp16 = search(tmp_path / "i.faiss", tmp_path / "i.parquet", q, qids, top_k=40, use_gpu="auto")
+    assert (fp16.pid == cpu.pid).mean() > 0.9
+    np.testing.assert_allclose(fp16.score.to_numpy(), cpu.score.to_numpy(), rtol=1e-2, atol=2e-2)
+    # no torch path for an approximate index, nor when the GPU is declined
+    assert not isinstance(index_mod.load_index(tmp_path / "h.faiss", use_gpu="auto")[0], index_mod.TorchFlatIndex)
+    assert index_mod.load_index(tmp_path / "i.faiss", use_gpu=False)[1] is False
