@@ -132,8 +132,7 @@ def _tokenize_items(
         inputs = passage_inputs([t for t, _ in texts], [x for _, x in texts], passage_format)
     else:
         inputs = list(texts)
-    if backend is None and getattr(tokenizer, "backend_tokenizer", None) is not None:
-        backend = BackendTokenizer(tokenizer, max_len)
+    backend = backend or BackendTokenizer.of(tokenizer, max_len)
     if backend is not None:
         return backend(inputs)
     if passages:
@@ -332,7 +331,7 @@ def encode_corpus_shard(
             batches = _iter_shard_batches(pf, start, end, batch_rows=min(chunk_rows, 65_536))
 
             fmt = passage_format or model.bi_config.passage_format
-            backend = BackendTokenizer(model.tokenizer, max_len) if hasattr(model.tokenizer, "backend_tokenizer") else None
+            backend = BackendTokenizer.of(model.tokenizer, max_len)
 
             def prepare(chunk: pa.Table) -> tuple[pa.Array, Tokenized]:
                 # Runs in a helper thread (the Rust batch call releases the GIL), so chunk k+1 is

@@ -25,9 +25,9 @@ searched both exactly (brute force, chunk by chunk) and with the new index, and
 Search runs in query batches; with ``use_gpu="auto"`` a flat or IVF index is cloned to every
 visible GPU (fp16 storage, sharded across several GPUs) when the installed ``faiss`` is a GPU
 build; a flat index is searched with torch on the GPU (:class:`TorchFlatIndex`) when ``faiss``
-has no GPU support but torch sees CUDA; otherwise search stays on CPU. Results never contain FAISS's ``-1`` padding: a query for
-which fewer than ``top_k`` hits exist (``top_k > ntotal``, or an IVF probe that visits too few
-vectors) gets fewer rows.
+has no GPU support but torch sees CUDA; otherwise search stays on CPU. Results never contain
+FAISS's ``-1`` padding: a query for which fewer than ``top_k`` hits exist (``top_k > ntotal``, or
+an IVF probe that visits too few vectors) gets fewer rows.
 """
 from __future__ import annotations
 

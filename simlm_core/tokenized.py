@@ -12,8 +12,8 @@ __all__ = ["Tokenized", "BackendTokenizer"]
 class Tokenized:
     """Token ids of N texts, unpadded, as flat int32 arrays with per-text lengths (CSR layout).
 
-    Flat numpy arrays instead of lists of lists: they cross a process boundary in one pickle,
-    and a batch is padded by one vectorised gather instead of a Python loop over its rows.
+    Flat numpy arrays instead of lists of lists: a batch is padded by one vectorised gather
+    instead of a Python loop over its rows.
     """
 
     __slots__ = ("ids", "type_ids", "lengths", "offsets")
@@ -35,11 +35,6 @@ class Tokenized:
             else np.fromiter(itertools.chain.from_iterable(type_ids), dtype=np.int32, count=total)
         )
         return cls(flat, flat_types, lengths)
-
-    @classmethod
-    def concat(cls, parts: Sequence["Tokenized"]) -> "Tokenized":
-        types = None if any(p.type_ids is None for p in parts) else np.concatenate([p.type_ids for p in parts])
-        return cls(np.concatenate([p.ids for p in parts]), types, np.concatenate([p.lengths for p in parts]))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -82,6 +77,11 @@ class BackendTokenizer:
         self._tok = Tokenizer.from_str(backend.to_str())
         self._tok.enable_truncation(max_len, strategy="longest_first")
         self._tok.no_padding()
+
+    @classmethod
+    def of(cls, tokenizer: Any, max_len: int) -> "BackendTokenizer | None":
+        """A :class:`BackendTokenizer` for a fast tokenizer; None for a slow one."""
+        return cls(tokenizer, max_len) if getattr(tokenizer, "backend_tokenizer", None) is not None else None
 
     def __call__(self, inputs: Sequence[str] | Sequence[tuple[str, str]]) -> Tokenized:
         """``inputs``: strings, or ``(text, text_pair)`` tuples; ids in input order."""

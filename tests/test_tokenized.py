@@ -53,10 +53,8 @@ def test_queries_through_the_backend(minilm_tokenizer):
     assert [got.ids[got.offsets[i]:got.offsets[i + 1]].tolist() for i in range(3)] == ref["input_ids"]
 
 
-def test_padded_rows_and_concat():
-    a = Tokenized.from_lists([[5, 6, 7], [8]], [[0, 0, 1], [0]])
-    b = Tokenized.from_lists([[9, 10]], [[0, 1]])
-    both = Tokenized.concat([a, b])
+def test_padded_rows():
+    both = Tokenized.from_lists([[5, 6, 7], [8], [9, 10]], [[0, 0, 1], [0], [0, 1]])
     ids, mask, tts = both.padded(np.array([2, 0, 1]), 4, pad_id=0)
     assert ids.tolist() == [[9, 10, 0, 0], [5, 6, 7, 0], [8, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]

@@ -7,7 +7,8 @@ builds the same *kind* of model from nothing:
 * :func:`train_wordpiece_tokenizer` builds an uncased WordPiece vocabulary from the corpus (BERT
   normaliser and pre-tokeniser, ``##`` continuation prefix, the five BERT special tokens with
   ``[PAD]`` at id 0; frequent whole words plus character pieces, the same in every process),
-  streaming the corpus Parquet in record batches, and saves it as a standard BERT tokenizer (``tokenizer.json``) that ``AutoTokenizer`` loads.
+  streaming the corpus Parquet in record batches, and saves it as a standard BERT tokenizer
+  (``tokenizer.json``) that ``AutoTokenizer`` loads.
   Because it is an ordinary BERT WordPiece vocabulary, whole-word masking (which looks for the
   ``##`` prefix) works on it exactly as on BERT's own.
 * :func:`build_scratch_bert` saves a seeded random ``BertForMaskedLM`` (encoder + MLM head) with
