@@ -2,12 +2,21 @@
 # Every GPU benchmark in one go, each part in its own process with its own time cap, so one slow
 # or failing part cannot take the others' figures with it.
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]     (default benchmarks/results; about 8 min on an H200)
+# Environment:
+#   PARTS          parts in order (default "encode biencoder pretrain"); also "encode-bare": the
+#                  encoder's bare loops only (bf16 weights, compiled), without the pipeline paths
+#   COMPILE_MODES  torch.compile modes of the compiled variants (default "default"); per part:
+#                  MODES_encode, MODES_encode_bare, MODES_biencoder, MODES_pretrain
+#   PROFILE        N > 0: print the top N kernels of each compiled variant
+#   CAP_<part>     seconds for a part (defaults below); SKIP_PROBE, SKIP_FAISS: leave those out
+#   EXTRA_<part>   more model_throughput.py arguments for a part (e.g. EXTRA_encode_bare="--encode-passages 32768")
+# Each part's full output is kept in OUT_DIR/model_throughput-cuda-<part>.log.
 set -u
 out="${1:-benchmarks/results}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
-python3 - <<'PY'
+[ -n "${SKIP_PROBE:-}" ] || timeout 60 python3 - <<'PY'
 # Host-side probe: the Rust tokenizer's batch call, and how many cores it may use.
 import os, sys, time
 sys.path.insert(0, "benchmarks")
@@ -32,8 +41,21 @@ print(f"rust encode_batch {len(texts) / (t1 - t):,.0f} psg/s; .ids to Python lis
 PY
 [ -n "${SKIP_FAISS:-}" ] || timeout 80 python3 benchmarks/faiss_search.py --device cuda --out "$out/faiss_search-cuda.json" 2>&1 | tail -25
 for part in ${PARTS:-encode biencoder pretrain}; do
-  case $part in encode) cap=200;; biencoder) cap=140;; pretrain) cap=150;; esac
-  echo "== $part (cap ${cap}s)"
-  timeout $cap python3 benchmarks/model_throughput.py --device cuda --parts $part \
-    --out "$out/model_throughput-cuda-$part.json" 2>&1 | grep -v "^|--" | tail -22
+  key=${part//-/_}
+  case $part in
+    encode) cap=200; args="--parts encode";;
+    encode-bare) cap=150; args="--parts encode --encode-pipeline 0";;
+    biencoder) cap=140; args="--parts biencoder";;
+    pretrain) cap=150; args="--parts pretrain";;
+    *) echo "unknown part $part"; continue;;
+  esac
+  cap_var="CAP_$key"; modes_var="MODES_$key"; extra_var="EXTRA_$key"
+  cap="${!cap_var:-$cap}"; modes="${!modes_var:-${COMPILE_MODES:-default}}"
+  echo "== $part (cap ${cap}s, compile modes $modes)"
+  # shellcheck disable=SC2086  # $args and EXTRA_* are word lists
+  timeout "$cap" python3 benchmarks/model_throughput.py --device cuda $args --compile-modes "$modes" \
+    --profile "${PROFILE:-0}" ${!extra_var:-} --out "$out/model_throughput-cuda-$part.json" \
+    > "$out/model_throughput-cuda-$part.log" 2>&1
+  echo "   exit $?"
+  grep -v "^|--\|Loading weights\|Writing model" "$out/model_throughput-cuda-$part.log" | grep "^   \|^| \|FAILED\|Error" | grep -v "^   profile\|^  *[-=]\{5\}" | head -40
 done

@@ -55,6 +55,7 @@ import _common as C  # noqa: E402  (also puts the repo root on sys.path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 
 VOCAB = 30_522
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched against torch's device name.
@@ -225,6 +226,31 @@ def timed_loop(device: torch.device, iters: int, fn: Callable[[int], None]) -> t
     return min(times), times
 
 
+def compile_modes(args) -> list[str]:
+    return [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+
+
+def compiled(module: torch.nn.Module, mode: str, **kw: Any) -> torch.nn.Module:
+    """``torch.compile(module)`` in ``mode`` ("default" = torch's default), with dynamo's caches
+    cleared first so that one mode's guards and recompile budget do not leak into the next."""
+    torch._dynamo.reset()
+    return torch.compile(module, mode=None if mode == "default" else mode, **kw)
+
+
+def profile_top(device: torch.device, label: str, fn: Callable[[], None], top: int) -> None:
+    """Print the ``top`` kernels by device time over three calls of ``fn`` (where the time goes)."""
+    if not top or device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        sync(device)
+    print(f"   profile, {label} (3 calls; top {top} by device time):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
 def autocast(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -340,15 +366,18 @@ def bench_encode(args, device, size, work: Path, peak) -> list[dict]:
     for _ in range(args.repeats):
         with Timer(device) as tb:
             bare()
+        times["bare"].append(tb.best)
+        if not args.encode_pipeline:
+            continue
         with Timer(device) as te:
             via_encode()
         t0 = time.perf_counter()
         summary = via_shard()
-        times["bare"].append(tb.best)
         times["encode_texts"].append(te.best)
         times["encode_corpus_shard"].append(time.perf_counter() - t0)
-    best_bare, best_enc = min(times["bare"]), min(times["encode_texts"])
-    shard_s = min(times["encode_corpus_shard"])
+    best_bare = min(times["bare"])
+    best_enc = min(times["encode_texts"], default=float("nan"))
+    shard_s = min(times["encode_corpus_shard"], default=float("nan"))
     shard_net = max(1e-9, shard_s - load_s)
 
     bf16_probe = None
@@ -366,14 +395,15 @@ def bench_encode(args, device, size, work: Path, peak) -> list[dict]:
     shape = f"{n:,} psg, batch {bs}, max_len {max_len}, mean {real_tokens / n:.0f} tok ({padded_tokens / n:.0f} padded)"
     extra = {"real_tokens": real_tokens, "padded_tokens": padded_tokens, "times": times,
              "tokenize_seconds": tokenize_s, "tokenize_passages_per_s": n / tokenize_s, "chunk_rows": chunk_rows}
-    rows = [
-        rate_row("encode", "bare HF forward loop", shape, n, "psg", padded_tokens, flops, best_bare, peak, extra),
-        rate_row("encode", "simlm_core.encode.encode_texts", shape, n, "psg", padded_tokens, flops, best_enc, peak,
-                 {"overhead_vs_bare": best_enc / best_bare}),
-        rate_row("encode", "encode_corpus_shard (excl. model load)", shape, n, "psg", padded_tokens, flops,
-                 shard_net, peak, {"overhead_vs_bare": shard_net / best_bare, "wall_incl_load_s": shard_s,
-                                   "model_load_s": load_s, "summary": summary}),
-    ]
+    rows = [rate_row("encode", "bare HF forward loop", shape, n, "psg", padded_tokens, flops, best_bare, peak, extra)]
+    if args.encode_pipeline:
+        rows += [
+            rate_row("encode", "simlm_core.encode.encode_texts", shape, n, "psg", padded_tokens, flops, best_enc, peak,
+                     {"overhead_vs_bare": best_enc / best_bare}),
+            rate_row("encode", "encode_corpus_shard (excl. model load)", shape, n, "psg", padded_tokens, flops,
+                     shard_net, peak, {"overhead_vs_bare": shard_net / best_bare, "wall_incl_load_s": shard_s,
+                                       "model_load_s": load_s, "summary": summary}),
+        ]
     rows.append(rate_row("encode", "tokenize_passages only (CPU, no model; transformers' call)", shape, n, "psg",
                          real_tokens, 0.0, tokenize_s, None))
     backend = BackendTokenizer(tok, max_len)
@@ -437,14 +467,22 @@ def _encode_variants(args, device, size, encoder, batches, out, peak, shape, n, 
         b[0].numel() for b in batches)), encoder_forward_flops(enc_cfg, [b[0].shape[1] for b in batches
                                                                          for _ in range(b[0].shape[0])]),
         sec, peak))
-    t0 = time.perf_counter()
-    compiled = torch.compile(enc_bf16, dynamic=True)
-    loop(compiled, batches8)
-    sync(device)
-    compile_s = time.perf_counter() - t0
-    sec = best_of(lambda: loop(compiled, batches8))
-    rows.append(rate_row("encode", "bare loop, bf16 weights + torch.compile (widths x8)", shape, n, "psg",
-                         float(sum(widths8)), flops8, sec, peak, {"compile_seconds": compile_s}))
+    for mode in compile_modes(args):
+        t0 = time.perf_counter()
+        model_c = compiled(enc_bf16, mode, dynamic=True)
+        loop(model_c, batches8)
+        sync(device)
+        compile_s = time.perf_counter() - t0
+        sec = best_of(lambda: loop(model_c, batches8))
+        print(f"   compiled ({mode}): {n / sec:,.0f} psg/s, compile {compile_s:.0f} s", flush=True)
+        label = "" if mode == "default" else f", mode {mode}"
+        rows.append(rate_row("encode", f"bare loop, bf16 weights + torch.compile{label} (widths x8)", shape, n,
+                             "psg", float(sum(widths8)), flops8, sec, peak, {"compile_seconds": compile_s}))
+        profile_top(device, f"encode bare loop, compile {mode}", lambda: loop(model_c, batches8[:4]), args.profile)
+        del model_c
+    torch._dynamo.reset()
+    if not args.encode_pipeline:
+        return rows
     kw = via_shard_kwargs
     walls = []
     for _ in range(2):  # the first call compiles; the second finds the compiled kernels cached
@@ -458,7 +496,7 @@ def _encode_variants(args, device, size, encoder, batches, out, peak, shape, n, 
     rows.append(rate_row("encode", "encode_corpus_shard(compile=True), 2nd call (excl. load)", shape, n, "psg",
                          float(sum(widths8)), flops8, net, peak,
                          {"first_call_wall_s": first, "second_call_wall_s": second, "summary": summary}))
-    del enc_bf16, compiled
+    del enc_bf16
     return rows
 
 
@@ -508,16 +546,22 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     for i in range(args.warmup):
         step(batches[i % len(batches)])
     sec, iter_times = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
-    compiled_sec = compile_s = None
-    if args.variants and (device.type == "cuda" or args.variants == 2):
+    compiled_rows: list[tuple[str, float, float]] = []  # (mode, seconds per step, compile seconds)
+    if not (args.variants and (device.type == "cuda" or args.variants == 2)):
+        profile_top(device, "RLM step, eager", lambda: step(batches[0]), args.profile)
+    else:
         eager = model
-        model = torch.compile(eager)  # what TrainingArguments(torch_compile=True) does to the model
-        t0 = time.perf_counter()
-        for i in range(args.warmup):
-            step(batches[i % len(batches)])
-        sync(device)
-        compile_s = time.perf_counter() - t0
-        compiled_sec, _ = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
+        for mode in compile_modes(args):
+            model = compiled(eager, mode)  # what TrainingArguments(torch_compile=True) does to the model
+            t0 = time.perf_counter()
+            for i in range(args.warmup):
+                step(batches[i % len(batches)])
+            sync(device)
+            compile_s = time.perf_counter() - t0
+            sec_c, _ = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
+            compiled_rows.append((mode, sec_c, compile_s))
+            print(f"   compiled ({mode}): {sec_c * 1e3:.1f} ms/step, compile {compile_s:.0f} s", flush=True)
+            profile_top(device, f"RLM step, compile {mode}", lambda: step(batches[0]), args.profile)
         model = eager
 
     b0 = batches_cpu[0]
@@ -543,10 +587,10 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
                        "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / C.GIB) if device.type == "cuda" else None,
                    })
     rows = [row]
-    if compiled_sec is not None:
-        rows.append(rate_row("pretrain", "SimLM RLM step, torch.compile(model)", f"{B} x {s}, gen frozen", B, "psg",
-                             tokens, flops, compiled_sec, peak, {"step_seconds": compiled_sec,
-                                                                  "compile_seconds": compile_s}))
+    for mode, sec_c, compile_s in compiled_rows:
+        label = "" if mode == "default" else f", mode {mode}"
+        rows.append(rate_row("pretrain", f"SimLM RLM step, torch.compile(model){label}", f"{B} x {s}, gen frozen", B,
+                             "psg", tokens, flops, sec_c, peak, {"step_seconds": sec_c, "compile_seconds": compile_s}))
     del model, opt, encoder, generator, batches
     return rows
 
@@ -607,16 +651,22 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
     for i in range(args.warmup):
         step(*batches[i % 2])
     sec, iter_times = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
-    compiled_sec = compile_s = None
-    if args.variants and (device.type == "cuda" or args.variants == 2):
+    compiled_rows: list[tuple[str, float, float]] = []
+    if not (args.variants and (device.type == "cuda" or args.variants == 2)):
+        profile_top(device, "biencoder step, eager", lambda: step(*batches[0]), args.profile)
+    else:
         eager = model
-        model = torch.compile(eager)
-        t0 = time.perf_counter()
-        for i in range(args.warmup):
-            step(*batches[i % 2])
-        sync(device)
-        compile_s = time.perf_counter() - t0
-        compiled_sec, _ = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
+        for mode in compile_modes(args):
+            model = compiled(eager, mode)
+            t0 = time.perf_counter()
+            for i in range(args.warmup):
+                step(*batches[i % 2])
+            sync(device)
+            compile_s = time.perf_counter() - t0
+            sec_c, _ = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
+            compiled_rows.append((mode, sec_c, compile_s))
+            print(f"   compiled ({mode}): {sec_c * 1e3:.1f} ms/step, compile {compile_s:.0f} s", flush=True)
+            profile_top(device, f"biencoder step, compile {mode}", lambda: step(*batches[0]), args.profile)
         model = eager
     fwd = encoder_forward_flops(enc_cfg, [lq] * Q) + encoder_forward_flops(enc_cfg, [lp] * (Q * G))
     fwd += 2 * Q * (Q * G) * enc_cfg["hidden_size"]  # score matrix
@@ -629,10 +679,11 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
                        "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / C.GIB) if device.type == "cuda" else None,
                    })
     rows = [row]
-    if compiled_sec is not None:
-        rows.append(rate_row("biencoder", "BiEncoder step, torch.compile(model)", f"{Q} q x group {G}, q {lq} / p {lp}",
-                             Q, "query", tokens, flops, compiled_sec, peak, {"step_seconds": compiled_sec,
-                                                                             "compile_seconds": compile_s}))
+    for mode, sec_c, compile_s in compiled_rows:
+        label = "" if mode == "default" else f", mode {mode}"
+        rows.append(rate_row("biencoder", f"BiEncoder step, torch.compile(model){label}",
+                             f"{Q} q x group {G}, q {lq} / p {lp}", Q, "query", tokens, flops, sec_c, peak,
+                             {"step_seconds": sec_c, "compile_seconds": compile_s}))
     del model, opt, batches
     return rows
 
@@ -652,6 +703,13 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=None, help="encode_corpus_shard chunk_rows (default: cuda n/4, cpu 50,000)")
     ap.add_argument("--variants", type=int, default=1,
                     help="1: on cuda also time bf16 weights and torch.compile variants; 2: on CPU too (smoke test); 0: off")
+    ap.add_argument("--compile-modes", default="default",
+                    help="comma list of torch.compile modes for the compiled variants: default, reduce-overhead, "
+                         "max-autotune, max-autotune-no-cudagraphs")
+    ap.add_argument("--encode-pipeline", type=int, default=1,
+                    help="encode: also time encode_texts and encode_corpus_shard (0: the bare loops only)")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="cuda: print this many top kernels (by device time) of each compiled variant (0: off)")
     ap.add_argument("--cpu-bf16-probe", type=int, default=1, help="cpu: also time the bare loop under bf16 autocast (0: off)")
     for key in DEFAULTS:
         ap.add_argument("--" + key.replace("_", "-"), type=int, default=None)

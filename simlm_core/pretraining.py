@@ -379,14 +379,14 @@ class RLMTrainer(Trainer):
         if model.training:
             for name in ("encoder_loss", "decoder_loss", "replace_ratio"):
                 value = outputs.get(name)
-                if value is not None:
-                    self._meters.setdefault(name, []).append(float(value))
+                if value is not None:  # kept on the device: float() here would sync every step
+                    self._meters.setdefault(name, []).append(value.detach())
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._meters:
             for name, values in self._meters.items():
-                logs[name] = round(sum(values) / len(values), 4)
+                logs[name] = round(float(torch.stack(values).float().mean()), 4)
             self._meters = {}
         super().log(logs, *args, **kwargs)
 
