@@ -237,6 +237,45 @@ def compiled(module: torch.nn.Module, mode: str, **kw: Any) -> torch.nn.Module:
     return torch.compile(module, mode=None if mode == "default" else mode, **kw)
 
 
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_backends(args, device: torch.device) -> list[str]:
+    """The requested attention kernels that can run here on a padded (masked) bf16 batch."""
+    names = [b.strip() for b in args.sdpa_backends.split(",") if b.strip()]
+    unknown = [b for b in names if b != "default" and b not in SDPA_BACKENDS]
+    if unknown:
+        raise SystemExit(f"--sdpa-backends: unknown {unknown}; choose from default, {', '.join(SDPA_BACKENDS)}")
+    usable = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(2, 12, 72, 64, device=device, dtype=dtype)
+    mask = torch.ones(2, 1, 72, 72, device=device, dtype=torch.bool)
+    mask[1, :, :, 60:] = False
+    for name in names:
+        try:
+            with sdpa_context(name):
+                torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+            usable.append(name)
+        except RuntimeError as exc:
+            print(f"   SDPA {name}: not usable here with a padding mask ({str(exc).splitlines()[0][:90]})")
+    return usable
+
+
+def sdpa_context(backend: str):
+    """Restrict PyTorch's scaled-dot-product attention to one kernel ("default": torch's choice)."""
+    if backend == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[backend])])
+
+
+def tag(mode: str, backend: str) -> str:
+    """Row label suffix for a compile mode / attention kernel that is not the default."""
+    return (f", mode {mode}" if mode != "default" else "") + (f", SDPA {backend}" if backend != "default" else "")
+
+
 def profile_top(device: torch.device, label: str, fn: Callable[[], None], top: int) -> None:
     """Print the ``top`` kernels by device time over three calls of ``fn`` (where the time goes)."""
     if not top or device.type != "cuda":
@@ -462,24 +501,29 @@ def _encode_variants(args, device, size, encoder, batches, out, peak, shape, n, 
         return min(ts)
 
     rows = []
-    sec = best_of(lambda: loop(enc_bf16, batches))
-    rows.append(rate_row("encode", "bare loop, bf16 weights (no autocast)", shape, n, "psg", float(sum(
-        b[0].numel() for b in batches)), encoder_forward_flops(enc_cfg, [b[0].shape[1] for b in batches
-                                                                         for _ in range(b[0].shape[0])]),
-        sec, peak))
-    for mode in compile_modes(args):
-        t0 = time.perf_counter()
-        model_c = compiled(enc_bf16, mode, dynamic=True)
-        loop(model_c, batches8)
-        sync(device)
-        compile_s = time.perf_counter() - t0
-        sec = best_of(lambda: loop(model_c, batches8))
-        print(f"   compiled ({mode}): {n / sec:,.0f} psg/s, compile {compile_s:.0f} s", flush=True)
-        label = "" if mode == "default" else f", mode {mode}"
-        rows.append(rate_row("encode", f"bare loop, bf16 weights + torch.compile{label} (widths x8)", shape, n,
-                             "psg", float(sum(widths8)), flops8, sec, peak, {"compile_seconds": compile_s}))
-        profile_top(device, f"encode bare loop, compile {mode}", lambda: loop(model_c, batches8[:4]), args.profile)
-        del model_c
+    for backend in sdpa_backends(args, device):
+        with sdpa_context(backend):
+            sec = best_of(lambda: loop(enc_bf16, batches))
+        print(f"   eager, bf16 weights{tag('default', backend)}: {n / sec:,.0f} psg/s", flush=True)
+        rows.append(rate_row("encode", f"bare loop, bf16 weights (no autocast){tag('default', backend)}", shape, n,
+                             "psg", float(sum(b[0].numel() for b in batches)), encoder_forward_flops(
+                                 enc_cfg, [b[0].shape[1] for b in batches for _ in range(b[0].shape[0])]),
+                             sec, peak))
+        for mode in compile_modes(args):
+            with sdpa_context(backend):
+                t0 = time.perf_counter()
+                model_c = compiled(enc_bf16, mode, dynamic=True)
+                loop(model_c, batches8)
+                sync(device)
+                compile_s = time.perf_counter() - t0
+                sec = best_of(lambda: loop(model_c, batches8))
+                print(f"   compiled{tag(mode, backend)}: {n / sec:,.0f} psg/s, compile {compile_s:.0f} s", flush=True)
+                rows.append(rate_row("encode", f"bare loop, bf16 weights + torch.compile{tag(mode, backend)} "
+                                     "(widths x8)", shape, n, "psg", float(sum(widths8)), flops8, sec, peak,
+                                     {"compile_seconds": compile_s}))
+                profile_top(device, f"encode bare loop, compile{tag(mode, backend)}",
+                            lambda: loop(model_c, batches8[:4]), args.profile)
+            del model_c
     torch._dynamo.reset()
     if not args.encode_pipeline:
         return rows
@@ -546,23 +590,30 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     for i in range(args.warmup):
         step(batches[i % len(batches)])
     sec, iter_times = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
-    compiled_rows: list[tuple[str, float, float]] = []  # (mode, seconds per step, compile seconds)
+    compiled_rows: list[tuple[str, str, float, float]] = []  # (mode or eager, SDPA kernel, s/step, compile s)
     if not (args.variants and (device.type == "cuda" or args.variants == 2)):
         profile_top(device, "RLM step, eager", lambda: step(batches[0]), args.profile)
     else:
         eager = model
-        for mode in compile_modes(args):
-            model = compiled(eager, mode)  # what TrainingArguments(torch_compile=True) does to the model
-            t0 = time.perf_counter()
-            for i in range(args.warmup):
-                step(batches[i % len(batches)])
-            sync(device)
-            compile_s = time.perf_counter() - t0
-            sec_c, _ = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
-            compiled_rows.append((mode, sec_c, compile_s))
-            print(f"   compiled ({mode}): {sec_c * 1e3:.1f} ms/step, compile {compile_s:.0f} s", flush=True)
-            profile_top(device, f"RLM step, compile {mode}", lambda: step(batches[0]), args.profile)
-        model = eager
+        for backend in sdpa_backends(args, device):
+            with sdpa_context(backend):
+                if backend != "default":  # eager under this attention kernel
+                    sec_e, _ = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
+                    compiled_rows.append(("eager", backend, sec_e, 0.0))
+                    print(f"   eager{tag('default', backend)}: {sec_e * 1e3:.1f} ms/step", flush=True)
+                for mode in compile_modes(args):
+                    model = compiled(eager, mode)  # what TrainingArguments(torch_compile=True) does to the model
+                    t0 = time.perf_counter()
+                    for i in range(args.warmup):
+                        step(batches[i % len(batches)])
+                    sync(device)
+                    compile_s = time.perf_counter() - t0
+                    sec_c, _ = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
+                    compiled_rows.append((mode, backend, sec_c, compile_s))
+                    print(f"   compiled{tag(mode, backend)}: {sec_c * 1e3:.1f} ms/step, compile {compile_s:.0f} s",
+                          flush=True)
+                    profile_top(device, f"RLM step, compile{tag(mode, backend)}", lambda: step(batches[0]), args.profile)
+                    model = eager
 
     b0 = batches_cpu[0]
     s = b0["input_ids"].shape[1] if "input_ids" in b0 else b0["encoder_input_ids"].shape[1]
@@ -587,10 +638,11 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
                        "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / C.GIB) if device.type == "cuda" else None,
                    })
     rows = [row]
-    for mode, sec_c, compile_s in compiled_rows:
-        label = "" if mode == "default" else f", mode {mode}"
-        rows.append(rate_row("pretrain", f"SimLM RLM step, torch.compile(model){label}", f"{B} x {s}, gen frozen", B,
-                             "psg", tokens, flops, sec_c, peak, {"step_seconds": sec_c, "compile_seconds": compile_s}))
+    for mode, backend, sec_c, compile_s in compiled_rows:
+        what = (f"SimLM RLM step{tag('default', backend)}" if mode == "eager"
+                else f"SimLM RLM step, torch.compile(model){tag(mode, backend)}")
+        rows.append(rate_row("pretrain", what, f"{B} x {s}, gen frozen", B, "psg", tokens, flops, sec_c, peak,
+                             {"step_seconds": sec_c, "compile_seconds": compile_s}))
     del model, opt, encoder, generator, batches
     return rows
 
@@ -651,23 +703,30 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
     for i in range(args.warmup):
         step(*batches[i % 2])
     sec, iter_times = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
-    compiled_rows: list[tuple[str, float, float]] = []
+    compiled_rows: list[tuple[str, str, float, float]] = []  # (mode or eager, SDPA kernel, s/step, compile s)
     if not (args.variants and (device.type == "cuda" or args.variants == 2)):
         profile_top(device, "biencoder step, eager", lambda: step(*batches[0]), args.profile)
     else:
         eager = model
-        for mode in compile_modes(args):
-            model = compiled(eager, mode)
-            t0 = time.perf_counter()
-            for i in range(args.warmup):
-                step(*batches[i % 2])
-            sync(device)
-            compile_s = time.perf_counter() - t0
-            sec_c, _ = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
-            compiled_rows.append((mode, sec_c, compile_s))
-            print(f"   compiled ({mode}): {sec_c * 1e3:.1f} ms/step, compile {compile_s:.0f} s", flush=True)
-            profile_top(device, f"biencoder step, compile {mode}", lambda: step(*batches[0]), args.profile)
-        model = eager
+        for backend in sdpa_backends(args, device):
+            with sdpa_context(backend):
+                if backend != "default":  # eager under this attention kernel
+                    sec_e, _ = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
+                    compiled_rows.append(("eager", backend, sec_e, 0.0))
+                    print(f"   eager{tag('default', backend)}: {sec_e * 1e3:.1f} ms/step", flush=True)
+                for mode in compile_modes(args):
+                    model = compiled(eager, mode)  # what TrainingArguments(torch_compile=True) does to the model
+                    t0 = time.perf_counter()
+                    for i in range(args.warmup):
+                        step(*batches[i % 2])
+                    sync(device)
+                    compile_s = time.perf_counter() - t0
+                    sec_c, _ = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
+                    compiled_rows.append((mode, backend, sec_c, compile_s))
+                    print(f"   compiled{tag(mode, backend)}: {sec_c * 1e3:.1f} ms/step, compile {compile_s:.0f} s",
+                          flush=True)
+                    profile_top(device, f"biencoder step, compile{tag(mode, backend)}", lambda: step(*batches[0]), args.profile)
+                    model = eager
     fwd = encoder_forward_flops(enc_cfg, [lq] * Q) + encoder_forward_flops(enc_cfg, [lp] * (Q * G))
     fwd += 2 * Q * (Q * G) * enc_cfg["hidden_size"]  # score matrix
     flops = 3 * fwd
@@ -679,9 +738,10 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
                        "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / C.GIB) if device.type == "cuda" else None,
                    })
     rows = [row]
-    for mode, sec_c, compile_s in compiled_rows:
-        label = "" if mode == "default" else f", mode {mode}"
-        rows.append(rate_row("biencoder", f"BiEncoder step, torch.compile(model){label}",
+    for mode, backend, sec_c, compile_s in compiled_rows:
+        what = (f"BiEncoder step{tag('default', backend)}" if mode == "eager"
+                else f"BiEncoder step, torch.compile(model){tag(mode, backend)}")
+        rows.append(rate_row("biencoder", what,
                              f"{Q} q x group {G}, q {lq} / p {lp}", Q, "query", tokens, flops, sec_c, peak,
                              {"step_seconds": sec_c, "compile_seconds": compile_s}))
     del model, opt, batches
@@ -708,6 +768,9 @@ def main() -> None:
                          "max-autotune, max-autotune-no-cudagraphs")
     ap.add_argument("--encode-pipeline", type=int, default=1,
                     help="encode: also time encode_texts and encode_corpus_shard (0: the bare loops only)")
+    ap.add_argument("--sdpa-backends", default="default",
+                    help="comma list of attention kernels for the bf16/compiled variants: default (torch's "
+                         "choice), cudnn, efficient, flash (no padding mask), math")
     ap.add_argument("--profile", type=int, default=0,
                     help="cuda: print this many top kernels (by device time) of each compiled variant (0: off)")
     ap.add_argument("--cpu-bf16-probe", type=int, default=1, help="cpu: also time the bare loop under bf16 autocast (0: off)")

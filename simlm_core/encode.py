@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -48,7 +48,7 @@ from simlm_core.io import (
     load_queries,
 )
 from simlm_core.modeling.biencoder import BiEncoder
-from simlm_core.tokenized import BackendTokenizer, Tokenized
+from simlm_core.tokenized import BackendTokenizer, Tokenized, TokenizerProcess
 
 PathLike = str | os.PathLike[str]
 
@@ -292,12 +292,14 @@ def encode_corpus_shard(
     passage_format: str | None = None,
     show_progress: bool = True,
     compile: bool = False,
+    tokenize_process: bool | None = None,
 ) -> dict[str, Any]:
     """Encode one shard of the corpus to ``out_embeddings`` (fp16 ``.npy``) + ``out_ids`` (Parquet).
 
     ``max_len`` None: the model's p_max_len (144). ``bf16`` on a GPU that has it: the weights are
     cast to bf16. ``compile``: ``torch.compile`` the encoder (pays off on large shards; the first
-    batches wait for compilation). Returns a summary (rows, dim, seconds, passages/s, device).
+    batches wait for compilation). ``tokenize_process``: tokenise in a child process (None: on a
+    GPU with a fast tokenizer, where a thread would starve the device loop). Returns a summary (rows, dim, seconds, passages/s, device).
     """
     t0 = time.time()
     pf = pq.ParquetFile(corpus_path)
@@ -322,6 +324,7 @@ def encode_corpus_shard(
         disable=not show_progress, smoothing=0.1,
     )
     written = 0
+    in_process = False
     with ParquetStreamWriter(out_ids, IDS_SCHEMA) as ids_writer, atomic_path(out_embeddings) as tmp:
         if n == 0:
             with open(tmp, "wb") as f:
@@ -333,21 +336,38 @@ def encode_corpus_shard(
             fmt = passage_format or model.bi_config.passage_format
             backend = BackendTokenizer.of(model.tokenizer, max_len)
 
-            def prepare(chunk: pa.Table) -> tuple[pa.Array, Tokenized]:
-                # Runs in a helper thread (the Rust batch call releases the GIL), so chunk k+1 is
-                # tokenised while the device encodes chunk k; the text is dropped once tokenised.
+            in_process = backend is not None and (
+                tokenize_process if tokenize_process is not None else dev.type == "cuda")
+
+            def tokenize_chunk(chunk: pa.Table) -> Tokenized:
                 items = list(zip(chunk.column("title").to_pylist(), chunk.column("text").to_pylist()))
-                return chunk.column("pid"), _tokenize_items(model.tokenizer, items, max_len, fmt, backend)
+                return _tokenize_items(model.tokenizer, items, max_len, fmt, backend)
 
             pad_id = _pad_id(model.tokenizer)
-            with ThreadPoolExecutor(max_workers=1) as pool:
+            with contextlib.ExitStack() as stack:
+                # Chunk k+1 is tokenised while the device encodes chunk k; its text is dropped once
+                # tokenised. A child process does it on a GPU (see TokenizerProcess: in a thread,
+                # the tokenizer held the GIL the kernel launches need); a thread elsewhere.
+                if in_process:
+                    proc = stack.enter_context(TokenizerProcess(backend))
+
+                    def start(chunk: pa.Table) -> tuple[pa.Array, Future]:
+                        titles, texts = chunk.column("title").to_pylist(), chunk.column("text").to_pylist()
+                        return chunk.column("pid"), proc.submit(passage_inputs(titles, texts, fmt))
+                else:
+                    pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+
+                    def start(chunk: pa.Table) -> tuple[pa.Array, Future]:
+                        return chunk.column("pid"), pool.submit(tokenize_chunk, chunk)
+
                 chunks = _iter_chunks(batches, chunk_rows)
                 first = next(chunks, None)
-                pending = pool.submit(prepare, first) if first is not None else None
+                pending = start(first) if first is not None else None
                 while pending is not None:
-                    pids, tokenized = pending.result()
+                    pids, future = pending
+                    tokenized = future.result()
                     nxt = next(chunks, None)
-                    pending = pool.submit(prepare, nxt) if nxt is not None else None
+                    pending = start(nxt) if nxt is not None else None
                     emb = _encode_tokenized(model, tokenized, pad_id, batch_size, bf16, torch.float16, bar,
                                             width_multiple)
                     mm[written : written + len(tokenized)] = emb.cpu().numpy()
@@ -372,6 +392,7 @@ def encode_corpus_shard(
         "device": str(dev),
         "bf16": use_bf16,
         "compiled": bool(compile),
+        "tokenized_in_process": in_process,
         "out_embeddings": str(out_embeddings),
         "out_ids": str(out_ids),
     }

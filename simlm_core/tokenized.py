@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import itertools
+import os
+import pickle
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Tokenized", "BackendTokenizer"]
+__all__ = ["Tokenized", "BackendTokenizer", "TokenizerProcess"]
 
 
 class Tokenized:
@@ -79,6 +85,18 @@ class BackendTokenizer:
         self._tok.no_padding()
 
     @classmethod
+    def from_json(cls, backend_json: str) -> "BackendTokenizer":
+        """Rebuild from :meth:`to_json` (truncation settings included)."""
+        from tokenizers import Tokenizer
+
+        obj = cls.__new__(cls)
+        obj._tok = Tokenizer.from_str(backend_json)
+        return obj
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    @classmethod
     def of(cls, tokenizer: Any, max_len: int) -> "BackendTokenizer | None":
         """A :class:`BackendTokenizer` for a fast tokenizer; None for a slow one."""
         return cls(tokenizer, max_len) if getattr(tokenizer, "backend_tokenizer", None) is not None else None
@@ -87,3 +105,87 @@ class BackendTokenizer:
         """``inputs``: strings, or ``(text, text_pair)`` tuples; ids in input order."""
         encodings = self._tok.encode_batch(list(inputs), add_special_tokens=True)
         return Tokenized.from_lists([e.ids for e in encodings], [e.type_ids for e in encodings])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising in a child process
+class TokenizerProcess:
+    """A :class:`BackendTokenizer` running in a child process, to overlap with a device loop.
+
+    The Rust batch call holds this process's GIL while it tokenises: run in a helper *thread*, it
+    stalled the thread that launches the GPU kernels, so an H200 encoded corpus shards at 12.6k
+    passages/s while the bare forward loop ran at 29.4k/s. A child process shares nothing with
+    the parent but the CPU. It is a plain ``python -c`` subprocess fed pickles over its stdin and
+    stdout rather than a ``multiprocessing`` worker, which would re-import the caller's main
+    script (a Snakemake ``script:`` or a notebook has no ``__main__`` guard). ``submit`` returns a
+    future; requests are served one at a time, in order; only the inputs and the flat id arrays
+    cross the process boundary.
+    """
+
+    def __init__(self, backend: BackendTokenizer, threads: int | None = None) -> None:
+        threads = threads or max(1, (os.cpu_count() or 2) - 1)  # leave a core to the device loop
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, RAYON_NUM_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from simlm_core.tokenized import _serve_child; _serve_child()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer-process")
+        self._io.submit(self._send, backend.to_json())
+
+    def _send(self, obj: Any) -> None:
+        assert self._proc.stdin is not None
+        pickle.dump(obj, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        self._proc.stdin.flush()
+
+    def _roundtrip(self, inputs: list) -> Tokenized:
+        assert self._proc.stdout is not None
+        try:
+            self._send(inputs)
+            result = pickle.load(self._proc.stdout)
+        except (EOFError, BrokenPipeError) as exc:
+            raise RuntimeError(f"tokenizer process exited (code {self._proc.poll()}); see its stderr") from exc
+        if isinstance(result, str):  # the child's error message
+            raise RuntimeError(f"tokenizer process: {result}")
+        return result
+
+    def submit(self, inputs: Sequence[str] | Sequence[tuple[str, str]]) -> "Future[Tokenized]":
+        return self._io.submit(self._roundtrip, list(inputs))
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()  # EOF: the child returns
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> "TokenizerProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _serve_child() -> None:
+    """The child's loop: a backend JSON first, then token-id requests until stdin closes."""
+    results = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints go to stderr, not into the result stream
+    requests = sys.stdin.buffer
+    tokenizer = BackendTokenizer.from_json(pickle.load(requests))
+    while True:
+        try:
+            inputs = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            result: Any = tokenizer(inputs)
+        except Exception as exc:  # reported to the parent, which raises it
+            result = f"{type(exc).__name__}: {exc}"
+        pickle.dump(result, results, protocol=pickle.HIGHEST_PROTOCOL)
+        results.flush()

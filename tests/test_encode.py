@@ -71,6 +71,19 @@ def test_shards_cover_corpus_and_match_direct_model(trained_like_dir, grouped_co
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-2)
 
 
+def test_tokenising_in_a_child_process_gives_the_same_shard(trained_like_dir, grouped_corpus, tmp_path):
+    """The GPU default (tokeniser in a child process) writes what the thread path writes."""
+    outs = {}
+    for in_process in (False, True):
+        emb, ids = tmp_path / f"e{in_process}.npy", tmp_path / f"i{in_process}.parquet"
+        summary = encode_corpus_shard(trained_like_dir, grouped_corpus, 1, 2, emb, ids, batch_size=4,
+                                      chunk_rows=6, show_progress=False, tokenize_process=in_process)
+        assert summary["tokenized_in_process"] is in_process
+        outs[in_process] = (np.load(emb), read_table(ids, IDS_SCHEMA).pid.tolist())
+    assert outs[True][1] == outs[False][1]
+    np.testing.assert_array_equal(outs[True][0], outs[False][0])
+
+
 def test_empty_shard_and_driver(trained_like_dir, grouped_corpus, tmp_path, capsys):
     from simlm_core.drivers.encode_corpus import main
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from simlm_core.collators import passage_inputs, tokenize_passages
-from simlm_core.tokenized import BackendTokenizer, Tokenized
+from simlm_core.tokenized import BackendTokenizer, Tokenized, TokenizerProcess
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,20 @@ def test_queries_through_the_backend(minilm_tokenizer):
     got = BackendTokenizer(minilm_tokenizer, 12)(queries)
     ref = tokenize_queries(minilm_tokenizer, queries, 12)
     assert [got.ids[got.offsets[i]:got.offsets[i + 1]].tolist() for i in range(3)] == ref["input_ids"]
+
+
+def test_child_process_gives_the_same_ids(minilm_tokenizer):
+    titles, texts = [t for t, _ in PASSAGES], [x for _, x in PASSAGES]
+    backend = BackendTokenizer(minilm_tokenizer, 24)
+    inputs = passage_inputs(titles, texts, "pair")
+    here = backend(inputs)
+    with TokenizerProcess(backend, threads=1) as proc:
+        first, second = proc.submit(inputs), proc.submit(inputs[:3])  # queued in order
+        there, short = first.result(timeout=120), second.result(timeout=120)
+    assert isinstance(there, Tokenized) and len(short) == 3
+    for name in ("ids", "type_ids", "lengths", "offsets"):
+        np.testing.assert_array_equal(getattr(there, name), getattr(here, name))
+    assert BackendTokenizer.from_json(backend.to_json())(inputs).ids.tolist() == here.ids.tolist()
 
 
 def test_padded_rows():
