@@ -18,8 +18,8 @@ __all__ = ["Tokenized", "BackendTokenizer", "TokenizerProcess"]
 class Tokenized:
     """Token ids of N texts, unpadded, as flat int32 arrays with per-text lengths (CSR layout).
 
-    Flat numpy arrays instead of lists of lists: a batch is padded by one vectorised gather
-    instead of a Python loop over its rows.
+    Flat numpy arrays instead of lists of lists: a chunk goes to the device in one copy and its
+    batches are padded there by a gather (``simlm_core.encode.DeviceTokens``).
     """
 
     __slots__ = ("ids", "type_ids", "lengths", "offsets")
@@ -44,22 +44,6 @@ class Tokenized:
 
     def __len__(self) -> int:
         return len(self.lengths)
-
-    def padded(self, rows: np.ndarray, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """``(input_ids, attention_mask, token_type_ids)`` of ``rows``, each ``[len(rows), width]``."""
-        lens = self.lengths[rows]
-        b = len(rows)
-        ids = np.full((b, width), pad_id, dtype=np.int64)
-        mask = np.zeros((b, width), dtype=np.int64)
-        tts = np.zeros((b, width), dtype=np.int64) if self.type_ids is not None else None
-        row_of = np.repeat(np.arange(b), lens)
-        col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-        src = np.repeat(self.offsets[rows], lens) + col
-        ids[row_of, col] = self.ids[src]
-        mask[row_of, col] = 1
-        if tts is not None:
-            tts[row_of, col] = self.type_ids[src]
-        return ids, mask, tts
 
 
 class BackendTokenizer:

@@ -9,7 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from simlm_core.encode import encode_corpus_shard, encode_queries, encode_texts, load_encoder, shard_range
+from simlm_core.encode import (
+    DeviceTokens,
+    encode_corpus_shard,
+    encode_queries,
+    encode_texts,
+    load_encoder,
+    shard_range,
+)
 from simlm_core.io import CORPUS_SCHEMA, IDS_SCHEMA, load_queries, read_table
 
 
@@ -158,12 +165,31 @@ def test_tokenized_padding_matches_the_tokenizer(trained_like_dir):
     items = [("a title", "some passage text here"), (None, "x"), ("t", "a much longer passage " * 5)]
     tokenized = _tokenize(model, model.tokenizer, items, 16, None)
     rows = np.array([2, 0, 1])
-    ids, mask, tts = tokenized.padded(rows, 16, pad_id=0)
+    ids, mask, tts = (t.numpy() for t in DeviceTokens(tokenized, torch.device("cpu"), 16).batch(
+        torch.from_numpy(rows), 16, pad_id=0))
     ref = model.tokenizer([items[r][0] or "" for r in rows], text_pair=[items[r][1] for r in rows],
                           max_length=16, truncation=True, padding="max_length")
     np.testing.assert_array_equal(ids, np.array(ref["input_ids"]))
-    np.testing.assert_array_equal(mask, np.array(ref["attention_mask"]))
+    np.testing.assert_array_equal(mask.astype(np.int64), np.array(ref["attention_mask"]))
     np.testing.assert_array_equal(tts, np.array(ref["token_type_ids"]))
+
+
+def test_prepared_mask_gives_the_same_vectors(trained_like_dir, tmp_path):
+    """The 4D mask handed to a BERT on SDPA (no per-batch padding check) changes no vector; other
+    attention implementations get no prepared mask."""
+    from simlm_core.modeling.biencoder import BiEncoder
+
+    model = load_encoder(trained_like_dir, device="cpu")
+    tok = model.tokenizer(["a title", "t"], text_pair=["some passage text", "a much longer passage " * 4],
+                          padding=True, return_tensors="pt")
+    prepared = model.prepared_attention_mask(tok["attention_mask"])
+    assert prepared is not None and prepared.shape == (2, 1, 1, tok["input_ids"].shape[1])
+    with torch.no_grad():
+        plain = model.encode(tok["input_ids"], tok["attention_mask"], tok["token_type_ids"])
+        via_4d = model.encode(tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], prepared_mask=prepared)
+    torch.testing.assert_close(via_4d, plain, atol=1e-6, rtol=1e-5)
+    eager = BiEncoder.from_pretrained(trained_like_dir, attn_implementation="eager")
+    assert eager.prepared_attention_mask(tok["attention_mask"]) is None
 
 
 def test_bf16_weights_stay_close_to_fp32(trained_like_dir):

@@ -67,13 +67,19 @@ def test_child_process_gives_the_same_ids(minilm_tokenizer):
     assert BackendTokenizer.from_json(backend.to_json())(inputs).ids.tolist() == here.ids.tolist()
 
 
-def test_padded_rows():
-    both = Tokenized.from_lists([[5, 6, 7], [8], [9, 10]], [[0, 0, 1], [0], [0, 1]])
-    ids, mask, tts = both.padded(np.array([2, 0, 1]), 4, pad_id=0)
+def test_device_tokens_pad_rows():
+    import torch
+
+    from simlm_core.encode import DeviceTokens
+
+    both = DeviceTokens(Tokenized.from_lists([[5, 6, 7], [8], [9, 10]], [[0, 0, 1], [0], [0, 1]]),
+                        torch.device("cpu"), max_width=8)
+    ids, mask, tts = both.batch(torch.tensor([2, 0, 1]), 4, pad_id=0)
     assert ids.tolist() == [[9, 10, 0, 0], [5, 6, 7, 0], [8, 0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, False], [True, False, False, False]]
     assert tts.tolist() == [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
-    assert Tokenized.from_lists([[1]], None).padded(np.array([0]), 2, 0)[2] is None
+    one = DeviceTokens(Tokenized.from_lists([[1]], None), torch.device("cpu"), max_width=2)
+    assert one.batch(torch.tensor([0]), 2, 7)[0].tolist() == [[1, 7]] and one.batch(torch.tensor([0]), 2, 0)[2] is None
 
 
 def test_slow_tokenizer_is_refused():

@@ -299,9 +299,16 @@ class BiEncoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        *,
+        prepared_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[N, D]`` pooled (and, if configured, L2-normalised) representations."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        """``[N, D]`` pooled (and, if configured, L2-normalised) representations.
+
+        ``prepared_mask``: a ready 4D attention mask (see :meth:`prepared_attention_mask`) that
+        the transformer takes in place of ``attention_mask``; pooling still reads the 2D one.
+        """
+        kwargs = {"input_ids": input_ids,
+                  "attention_mask": attention_mask if prepared_mask is None else prepared_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         out = self.encoder(**kwargs, return_dict=True)
@@ -309,6 +316,18 @@ class BiEncoder(nn.Module):
         if self.normalize:
             emb = F.normalize(emb.float(), dim=-1)
         return emb
+
+    def prepared_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The ``[N, 1, 1, L]`` boolean mask SDPA broadcasts, for a BERT encoder on SDPA; else None.
+
+        Given the 2D mask, transformers checks per batch whether it has any padding (to drop it
+        for SDPA): one host-device sync per batch, which kept the GPU encoding loop from running
+        ahead of the device. A 4D mask is passed through unchecked.
+        """
+        config = self.encoder.config
+        if getattr(config, "model_type", None) != "bert" or getattr(config, "_attn_implementation", None) != "sdpa":
+            return None
+        return attention_mask.bool()[:, None, None, :]
 
     def _encode_batch(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
