@@ -379,23 +379,23 @@ def encode_corpus_shard(
                 if in_process:
                     proc = stack.enter_context(TokenizerProcess(backend))
 
-                    def start(chunk: pa.Table) -> tuple[pa.Array, Future]:
+                    def submit_chunk(chunk: pa.Table) -> tuple[pa.Array, Future]:
                         titles, texts = chunk.column("title").to_pylist(), chunk.column("text").to_pylist()
                         return chunk.column("pid"), proc.submit(passage_inputs(titles, texts, fmt))
                 else:
                     pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
 
-                    def start(chunk: pa.Table) -> tuple[pa.Array, Future]:
+                    def submit_chunk(chunk: pa.Table) -> tuple[pa.Array, Future]:
                         return chunk.column("pid"), pool.submit(tokenize_chunk, chunk)
 
                 chunks = _iter_chunks(batches, chunk_rows)
                 first = next(chunks, None)
-                pending = start(first) if first is not None else None
+                pending = submit_chunk(first) if first is not None else None
                 while pending is not None:
                     pids, future = pending
                     tokenized = future.result()
                     nxt = next(chunks, None)
-                    pending = start(nxt) if nxt is not None else None
+                    pending = submit_chunk(nxt) if nxt is not None else None
                     emb = _encode_tokenized(model, tokenized, pad_id, batch_size, bf16, torch.float16, bar,
                                             width_multiple)
                     mm[written : written + len(tokenized)] = emb.cpu().numpy()

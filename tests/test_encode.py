@@ -86,6 +86,8 @@ def test_tokenising_in_a_child_process_gives_the_same_shard(trained_like_dir, gr
         summary = encode_corpus_shard(trained_like_dir, grouped_corpus, 1, 2, emb, ids, batch_size=4,
                                       chunk_rows=6, show_progress=False, tokenize_process=in_process)
         assert summary["tokenized_in_process"] is in_process
+        assert (summary["start"], summary["end"]) == shard_range(pq.ParquetFile(grouped_corpus).metadata.num_rows, 1, 2)
+        json.dumps(summary)  # what the driver prints
         outs[in_process] = (np.load(emb), read_table(ids, IDS_SCHEMA).pid.tolist())
     assert outs[True][1] == outs[False][1]
     np.testing.assert_array_equal(outs[True][0], outs[False][0])
