@@ -102,6 +102,9 @@ def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArgumen
         save_safetensors=True,
         ddp_find_unused_parameters=False,
         torch_compile=cfg.torch_compile,
+        # The filter tests every step's loss for NaN/inf on the host: a device sync per step, and
+        # it hides a diverging run behind averaged old losses. Unfiltered, a NaN shows in the log.
+        logging_nan_inf_filter=False,
     )
     valid = {f.name for f in dataclasses.fields(TrainingArguments)}
     # transformers 5.x renamed gradient_checkpointing (now a deprecated alias) to activation_checkpointing.

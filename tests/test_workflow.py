@@ -122,6 +122,7 @@ def test_training_arguments_carry_torch_compile(tmp_path):
     args = to_training_arguments(TrainConfig(output_dir=str(tmp_path / "o"), work_dir=str(tmp_path / "w"),
                                              torch_compile=True))
     assert args.torch_compile is True
+    assert args.logging_nan_inf_filter is False  # no per-step host sync; a NaN loss shows in the log
     assert to_training_arguments(TrainConfig(output_dir="o", work_dir=str(tmp_path / "w"))).torch_compile is False
 
 
