@@ -36,7 +36,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -407,43 +407,65 @@ def torch_topk(vectors, queries, k: int, chunk_rows: int = 1 << 20):
 
 
 class TorchFlatIndex:
-    """An exact inner-product index held on a torch device, searched like a FAISS index.
+    """An exact inner-product index held on torch device(s), searched like a FAISS index.
 
     What :func:`load_index` gives for a flat index on a GPU when the installed ``faiss`` has no GPU
-    support (PyPI's faiss-gpu wheels are built for CUDA 12). The vectors are copied to the device
-    once (fp16 by default: 12.6 GiB for 8.8M x 768); ``search`` runs :func:`torch_topk`. Measured
-    on an H200: 10,908 queries/s over 8.8M vectors, top 1000 (benchmarks/faiss_search.py).
+    support (PyPI's faiss-gpu wheels are built for CUDA 12). The vectors are copied to the
+    device(s) once (fp16 by default: 12.6 GiB for 8.8M x 768); ``search`` runs :func:`torch_topk`.
+    With several devices the rows are split evenly across them (as FAISS's ``shard=True``): each
+    searches its part and the per-shard top-k are merged. Measured on an H200: 10,908 queries/s
+    over 8.8M vectors, top 1000 (benchmarks/faiss_search.py).
     """
 
-    def __init__(self, index, device: str, fp16: bool = True, chunk_rows: int = 1 << 20) -> None:
+    def __init__(self, index, device: str | Sequence[str], fp16: bool = True, chunk_rows: int = 1 << 20) -> None:
         import torch
 
+        devices = [device] if isinstance(device, str) else list(device)
+        if not devices:
+            raise ValueError("TorchFlatIndex needs at least one device")
         self.d, self.ntotal = int(index.d), int(index.ntotal)
-        self.device = torch.device(device)
+        self.devices = [torch.device(d) for d in devices]
         self.dtype = torch.float16 if fp16 else torch.float32
         self.chunk_rows = chunk_rows
-        self.vectors = torch.empty((self.ntotal, self.d), dtype=self.dtype, device=self.device)
+        self.shards: list[tuple[int, Any]] = []  # (first row, vectors on one device)
+        cuts = np.linspace(0, self.ntotal, len(self.devices) + 1).round().astype(np.int64)
         step = 1 << 18  # rows decoded on the host at a time (0.75 GiB of fp32 at 768 dims)
-        for s in range(0, self.ntotal, step):
-            block = index.reconstruct_n(s, min(step, self.ntotal - s))
-            self.vectors[s : s + len(block)] = torch.from_numpy(block).to(self.device, self.dtype)
+        for dev, lo, hi in zip(self.devices, cuts[:-1], cuts[1:]):
+            vectors = torch.empty((int(hi - lo), self.d), dtype=self.dtype, device=dev)
+            for s in range(int(lo), int(hi), step):
+                block = index.reconstruct_n(s, min(step, int(hi) - s))
+                vectors[s - lo : s - lo + len(block)] = torch.from_numpy(block).to(dev, self.dtype)
+            self.shards.append((int(lo), vectors))
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
+        queries = np.ascontiguousarray(xq, dtype=np.float32)
         with torch.inference_mode():
-            q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(self.device, self.dtype)
-            v, i = torch_topk(self.vectors, q, k, self.chunk_rows)
+            parts = []
+            for lo, vectors in self.shards:
+                if len(vectors) == 0:
+                    continue
+                q = torch.from_numpy(queries).to(vectors.device, self.dtype)
+                v, i = torch_topk(vectors, q, k, self.chunk_rows)
+                parts.append((v.to(self.devices[0]), (i + lo).to(self.devices[0])))
+            v, i = parts[0]
+            if len(parts) > 1:
+                v, j = torch.topk(torch.cat([p[0] for p in parts], dim=1), min(k, self.ntotal), dim=1)
+                i = torch.gather(torch.cat([p[1] for p in parts], dim=1), 1, j)
             return v.float().cpu().numpy(), i.cpu().numpy().astype(np.int64)
 
 
-def _torch_gpu() -> str | None:
-    """The torch device a flat index may be searched on when faiss has no GPU: "cuda" or None."""
+def _torch_gpu() -> list[str] | None:
+    """The torch devices a flat index may be searched on when faiss has no GPU: every CUDA
+    device (the index is sharded across them), or None."""
     try:
         import torch
     except ImportError:  # pragma: no cover
         return None
-    return "cuda" if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
 def load_index(
@@ -488,7 +510,7 @@ def load_index(
     if torch_device is not None and flat:
         try:
             gpu_index = TorchFlatIndex(index, torch_device, fp16=fp16_gpu)
-            log.info("searching with torch on %s (faiss has no GPU support)", torch_device)
+            log.info("searching with torch on %s (faiss has no GPU support)", ", ".join(map(str, torch_device)))
             return gpu_index, True
         except Exception as exc:  # e.g. out of GPU memory
             if mode == "yes":

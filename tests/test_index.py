@@ -333,6 +333,14 @@ def test_torch_search_when_faiss_has_no_gpu(tmp_path, monkeypatch, index_type):
     fp16 = search(tmp_path / "i.faiss", tmp_path / "i.parquet", q, qids, top_k=40, use_gpu="auto")
     assert (fp16.pid == cpu.pid).mean() > 0.9
     np.testing.assert_allclose(fp16.score.to_numpy(), cpu.score.to_numpy(), rtol=1e-2, atol=2e-2)
+    # several devices: the rows are split across them and the per-shard top-k merged
+    monkeypatch.setattr(index_mod, "_torch_gpu", lambda: ["cpu", "cpu", "cpu"])
+    sharded, on_gpu = index_mod.load_index(tmp_path / "i.faiss", use_gpu="auto", fp16_gpu=False)
+    assert on_gpu and [len(v) for _, v in sharded.shards] == [183, 184, 183]
+    got3 = pa.concat_tables(index_mod.search_batches(sharded, index_mod.read_ids(tmp_path / "i.parquet"), q, qids,
+                                                     top_k=40, batch_size=8, progress=False)).to_pandas()
+    assert got3["rank"].tolist() == cpu["rank"].tolist() and (got3.pid == cpu.pid).mean() > 0.99
+    np.testing.assert_allclose(got3.score.to_numpy(), cpu.score.to_numpy(), rtol=1e-5, atol=1e-4)
     # no torch path for an approximate index, nor when the GPU is declined
     assert not isinstance(index_mod.load_index(tmp_path / "h.faiss", use_gpu="auto")[0], index_mod.TorchFlatIndex)
     assert index_mod.load_index(tmp_path / "i.faiss", use_gpu=False)[1] is False
