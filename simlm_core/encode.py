@@ -156,8 +156,8 @@ def _tokenize(
 class DeviceTokens:
     """A :class:`Tokenized` chunk copied to the device once, padded into batches there.
 
-    One copy per chunk instead of three pinned copies per batch: on an H200, pinning each batch's
-    arrays took 2.4 ms a call, more than the GPU spent on the batch's forward pass.
+    One copy per chunk instead of three pinned copies per batch: on an H200, pinning took 2.4 ms a
+    call, a quarter of a shard's wall time (benchmarks/results/shard_profile-cuda-h200.log).
     """
 
     def __init__(self, tokenized: Tokenized, device: torch.device, max_width: int) -> None:
@@ -327,7 +327,8 @@ def encode_corpus_shard(
     ``max_len`` None: the model's p_max_len (144). ``bf16`` on a GPU that has it: the weights are
     cast to bf16. ``compile``: ``torch.compile`` the encoder (pays off on large shards; the first
     batches wait for compilation). ``tokenize_process``: tokenise in a child process (None: on a
-    GPU with a fast tokenizer, where a thread would starve the device loop). Returns a summary (rows, dim, seconds, passages/s, device).
+    GPU with a fast tokenizer, where it beat a helper thread). Returns a summary (rows, dim,
+    seconds, passages/s, device).
     """
     t0 = time.time()
     pf = pq.ParquetFile(corpus_path)
@@ -374,8 +375,8 @@ def encode_corpus_shard(
             pad_id = _pad_id(model.tokenizer)
             with contextlib.ExitStack() as stack:
                 # Chunk k+1 is tokenised while the device encodes chunk k; its text is dropped once
-                # tokenised. A child process does it on a GPU (see TokenizerProcess: in a thread,
-                # the tokenizer held the GIL the kernel launches need); a thread elsewhere.
+                # tokenised. A child process does it on a GPU (see TokenizerProcess), a thread on
+                # a CPU, where the forward pass needs the cores anyway.
                 if in_process:
                     proc = stack.enter_context(TokenizerProcess(backend))
 
