@@ -3,8 +3,9 @@
 # or failing part cannot take the others' figures with it.
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]     (default benchmarks/results; about 8 min on an H200)
 # Environment:
-#   PARTS          parts in order (default "encode biencoder pretrain"); also "encode-bare": the
-#                  encoder's bare loops only (bf16 weights, compiled), without the pipeline paths
+#   PARTS          parts in order (default "shard encode biencoder pretrain"); also "encode-bare":
+#                  the encoder's bare loops only (bf16 weights, compiled), without the pipeline
+#                  paths. "shard" is shard_profile.py: encode_corpus_shard timed and profiled.
 #   COMPILE_MODES  torch.compile modes of the compiled variants (default "default"); per part:
 #                  MODES_encode, MODES_encode_bare, MODES_biencoder, MODES_pretrain
 #   PROFILE        N > 0: print the top N kernels of each compiled variant
@@ -40,8 +41,16 @@ t2 = time.perf_counter()
 print(f"rust encode_batch {len(texts) / (t1 - t):,.0f} psg/s; .ids to Python lists {len(texts) / (t2 - t1):,.0f} psg/s")
 PY
 [ -n "${SKIP_FAISS:-}" ] || timeout 80 python3 benchmarks/faiss_search.py --device cuda --out "$out/faiss_search-cuda.json" 2>&1 | tail -25
-for part in ${PARTS:-encode biencoder pretrain}; do
+for part in ${PARTS:-shard encode biencoder pretrain}; do
   key=${part//-/_}
+  if [ "$part" = shard ]; then
+    cap_var="CAP_shard"; cap="${!cap_var:-120}"
+    echo "== shard (cap ${cap}s)"
+    timeout "$cap" python3 benchmarks/shard_profile.py --device cuda ${EXTRA_shard:-} > "$out/shard_profile-cuda.log" 2>&1
+    echo "   exit $?"
+    grep "psg/s" "$out/shard_profile-cuda.log"
+    continue
+  fi
   case $part in
     encode) cap=200; args="--parts encode";;
     encode-bare) cap=150; args="--parts encode --encode-pipeline 0";;
