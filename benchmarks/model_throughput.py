@@ -276,6 +276,39 @@ def tag(mode: str, backend: str) -> str:
     return (f", mode {mode}" if mode != "default" else "") + (f", SDPA {backend}" if backend != "default" else "")
 
 
+def training_variants(args, device: torch.device, label: str, model: torch.nn.Module,
+                      step: Callable[[torch.nn.Module, int], None]) -> list[tuple[str, str, float, float]]:
+    """The training step (``step(model, i)``: one optimizer step on batch ``i``) under each
+    requested attention kernel, eager and through ``torch.compile`` in each requested mode.
+
+    Returns ``(mode or "eager", SDPA kernel, seconds per step, compile seconds)`` per variant;
+    without variants, only the eager step is profiled (``--profile``).
+    """
+    if not (args.variants and (device.type == "cuda" or args.variants == 2)):
+        profile_top(device, f"{label}, eager", lambda: step(model, 0), args.profile)
+        return []
+    found = []
+    for backend in sdpa_backends(args, device):
+        with sdpa_context(backend):
+            if backend != "default":  # eager under this attention kernel
+                sec_e, _ = timed_loop(device, args.iters, lambda i: step(model, i))
+                found.append(("eager", backend, sec_e, 0.0))
+                print(f"   eager{tag('default', backend)}: {sec_e * 1e3:.1f} ms/step", flush=True)
+            for mode in compile_modes(args):
+                model_c = compiled(model, mode)  # what TrainingArguments(torch_compile=True) does to the model
+                t0 = time.perf_counter()
+                for i in range(args.warmup):
+                    step(model_c, i)
+                sync(device)
+                compile_s = time.perf_counter() - t0
+                sec_c, _ = timed_loop(device, args.iters, lambda i: step(model_c, i))
+                found.append((mode, backend, sec_c, compile_s))
+                print(f"   compiled{tag(mode, backend)}: {sec_c * 1e3:.1f} ms/step, compile {compile_s:.0f} s",
+                      flush=True)
+                profile_top(device, f"{label}, compile{tag(mode, backend)}", lambda: step(model_c, 0), args.profile)
+    return found
+
+
 def profile_top(device: torch.device, label: str, fn: Callable[[], None], top: int) -> None:
     """Print the ``top`` kernels by device time over three calls of ``fn`` (where the time goes)."""
     if not top or device.type != "cuda":
@@ -580,40 +613,17 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0, **({"fused": True} if device.type == "cuda" else {}))
 
-    def step(batch: dict) -> None:
+    def step(m: torch.nn.Module, i: int) -> None:
         with autocast(device):
-            loss = model(**batch).loss
+            loss = m(**batches[i % len(batches)]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     for i in range(args.warmup):
-        step(batches[i % len(batches)])
-    sec, iter_times = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
-    compiled_rows: list[tuple[str, str, float, float]] = []  # (mode or eager, SDPA kernel, s/step, compile s)
-    if not (args.variants and (device.type == "cuda" or args.variants == 2)):
-        profile_top(device, "RLM step, eager", lambda: step(batches[0]), args.profile)
-    else:
-        eager = model
-        for backend in sdpa_backends(args, device):
-            with sdpa_context(backend):
-                if backend != "default":  # eager under this attention kernel
-                    sec_e, _ = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
-                    compiled_rows.append(("eager", backend, sec_e, 0.0))
-                    print(f"   eager{tag('default', backend)}: {sec_e * 1e3:.1f} ms/step", flush=True)
-                for mode in compile_modes(args):
-                    model = compiled(eager, mode)  # what TrainingArguments(torch_compile=True) does to the model
-                    t0 = time.perf_counter()
-                    for i in range(args.warmup):
-                        step(batches[i % len(batches)])
-                    sync(device)
-                    compile_s = time.perf_counter() - t0
-                    sec_c, _ = timed_loop(device, args.iters, lambda i: step(batches[i % len(batches)]))
-                    compiled_rows.append((mode, backend, sec_c, compile_s))
-                    print(f"   compiled{tag(mode, backend)}: {sec_c * 1e3:.1f} ms/step, compile {compile_s:.0f} s",
-                          flush=True)
-                    profile_top(device, f"RLM step, compile{tag(mode, backend)}", lambda: step(batches[0]), args.profile)
-                    model = eager
+        step(model, i)
+    sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
+    compiled_rows = training_variants(args, device, "RLM step", model, step)
 
     b0 = batches_cpu[0]
     s = b0["input_ids"].shape[1] if "input_ids" in b0 else b0["encoder_input_ids"].shape[1]
@@ -693,40 +703,18 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
 
     batches = [(inputs(Q, lq), inputs(Q * G, lp)) for _ in range(2)]
 
-    def step(q: dict, p: dict) -> None:
+    def step(m: torch.nn.Module, i: int) -> None:
+        q, p = batches[i % 2]
         with autocast(device):
-            loss = model(query=q, passage=p).loss
+            loss = m(query=q, passage=p).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     for i in range(args.warmup):
-        step(*batches[i % 2])
-    sec, iter_times = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
-    compiled_rows: list[tuple[str, str, float, float]] = []  # (mode or eager, SDPA kernel, s/step, compile s)
-    if not (args.variants and (device.type == "cuda" or args.variants == 2)):
-        profile_top(device, "biencoder step, eager", lambda: step(*batches[0]), args.profile)
-    else:
-        eager = model
-        for backend in sdpa_backends(args, device):
-            with sdpa_context(backend):
-                if backend != "default":  # eager under this attention kernel
-                    sec_e, _ = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
-                    compiled_rows.append(("eager", backend, sec_e, 0.0))
-                    print(f"   eager{tag('default', backend)}: {sec_e * 1e3:.1f} ms/step", flush=True)
-                for mode in compile_modes(args):
-                    model = compiled(eager, mode)  # what TrainingArguments(torch_compile=True) does to the model
-                    t0 = time.perf_counter()
-                    for i in range(args.warmup):
-                        step(*batches[i % 2])
-                    sync(device)
-                    compile_s = time.perf_counter() - t0
-                    sec_c, _ = timed_loop(device, args.iters, lambda i: step(*batches[i % 2]))
-                    compiled_rows.append((mode, backend, sec_c, compile_s))
-                    print(f"   compiled{tag(mode, backend)}: {sec_c * 1e3:.1f} ms/step, compile {compile_s:.0f} s",
-                          flush=True)
-                    profile_top(device, f"biencoder step, compile{tag(mode, backend)}", lambda: step(*batches[0]), args.profile)
-                    model = eager
+        step(model, i)
+    sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
+    compiled_rows = training_variants(args, device, "biencoder step", model, step)
     fwd = encoder_forward_flops(enc_cfg, [lq] * Q) + encoder_forward_flops(enc_cfg, [lp] * (Q * G))
     fwd += 2 * Q * (Q * G) * enc_cfg["hidden_size"]  # score matrix
     flops = 3 * fwd
