@@ -141,6 +141,17 @@ def encoder_forward_flops(cfg: dict, seq_lens: list[int] | np.ndarray, layers: i
     return float(2 * s.sum() * L * layer_matmul_params(h, inter) + (4 * L * h * s ** 2).sum())
 
 
+def packed_forward_flops(cfg: dict, seq_lens: list[int] | np.ndarray) -> float:
+    """What the packed [CLS] encoder runs: every layer on real tokens, except the last one's
+    attention queries, output projection and feed-forward block, which run on [CLS] rows only."""
+    h, inter, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    s = np.asarray(seq_lens, dtype=np.float64)
+    full = encoder_forward_flops(cfg, s, layers=L - 1)
+    last = 2 * s.sum() * 3 * h * h + (4 * h * s).sum()  # q/k/v on all tokens; 1 query row per text
+    last += 2 * len(s) * (h * h + 2 * h * inter)  # output projection + feed-forward on [CLS] rows
+    return float(full + last)
+
+
 def mlm_head_flops(h: int, n_tokens: float, vocab: int = VOCAB) -> float:
     return float(2 * n_tokens * (h * h + h * vocab))
 
@@ -296,16 +307,21 @@ def training_variants(args, device: torch.device, label: str, model: torch.nn.Mo
                 print(f"   eager{tag('default', backend)}: {sec_e * 1e3:.1f} ms/step", flush=True)
             for mode in compile_modes(args):
                 model_c = compiled(model, mode)  # what TrainingArguments(torch_compile=True) does to the model
+                run = step
+                if "reduce-overhead" in mode:  # CUDA graphs: tell the graph trees where a step begins
+                    def run(m: torch.nn.Module, i: int) -> None:
+                        torch.compiler.cudagraph_mark_step_begin()
+                        step(m, i)
                 t0 = time.perf_counter()
                 for i in range(args.warmup):
-                    step(model_c, i)
+                    run(model_c, i)
                 sync(device)
                 compile_s = time.perf_counter() - t0
-                sec_c, _ = timed_loop(device, args.iters, lambda i: step(model_c, i))
+                sec_c, _ = timed_loop(device, args.iters, lambda i: run(model_c, i))
                 found.append((mode, backend, sec_c, compile_s))
                 print(f"   compiled{tag(mode, backend)}: {sec_c * 1e3:.1f} ms/step, compile {compile_s:.0f} s",
                       flush=True)
-                profile_top(device, f"{label}, compile{tag(mode, backend)}", lambda: step(model_c, 0), args.profile)
+                profile_top(device, f"{label}, compile{tag(mode, backend)}", lambda: run(model_c, 0), args.profile)
     return found
 
 
@@ -558,22 +574,80 @@ def _encode_variants(args, device, size, encoder, batches, out, peak, shape, n, 
                             lambda: loop(model_c, batches8[:4]), args.profile)
             del model_c
     torch._dynamo.reset()
+    if args.packed:
+        try:
+            rows += _packed_variants(args, device, size, enc_bf16, batches, out, peak, shape, n, best_of)
+        except Exception as exc:  # keep the rows above
+            print(f"   packed variants FAILED: {''.join(traceback.format_exception(exc))[-2500:]}", flush=True)
+        torch._dynamo.reset()
     if not args.encode_pipeline:
         return rows
     kw = via_shard_kwargs
-    walls = []
-    for _ in range(2):  # the first call compiles; the second finds the compiled kernels cached
-        t0 = time.perf_counter()
-        summary = encode_corpus_shard(kw["model_dir"], kw["corpus"], 0, 1, kw["work"] / "emb_c.npy",
-                                      kw["work"] / "ids_c.parquet", batch_size=kw["bs"], device=device, bf16=True,
-                                      chunk_rows=kw["chunk_rows"], show_progress=False, compile=True)
-        walls.append(time.perf_counter() - t0)
-    first, second = walls
-    net = max(1e-9, second - kw["load_s"])
-    rows.append(rate_row("encode", "encode_corpus_shard(compile=True), 2nd call (excl. load)", shape, n, "psg",
-                         float(sum(widths8)), flops8, net, peak,
-                         {"first_call_wall_s": first, "second_call_wall_s": second, "summary": summary}))
+    for packed in ((False, True) if args.packed else (False,)):
+        walls = []
+        for _ in range(2):  # the first call compiles; the second finds the compiled kernels cached
+            t0 = time.perf_counter()
+            summary = encode_corpus_shard(kw["model_dir"], kw["corpus"], 0, 1, kw["work"] / "emb_c.npy",
+                                          kw["work"] / "ids_c.parquet", batch_size=kw["bs"], device=device,
+                                          bf16=True, chunk_rows=kw["chunk_rows"], show_progress=False, compile=True,
+                                          packed=packed)
+            walls.append(time.perf_counter() - t0)
+        first, second = walls
+        net = max(1e-9, second - kw["load_s"])
+        print(f"   encode_corpus_shard(compile=True, packed={packed}): {n / net:,.0f} psg/s (2nd call, excl. load)",
+              flush=True)
+        rows.append(rate_row("encode", f"encode_corpus_shard(compile=True{', packed=True' if packed else ''}), "
+                             "2nd call (excl. load)", shape, n, "psg", float(sum(widths8)), flops8, net, peak,
+                             {"first_call_wall_s": first, "second_call_wall_s": second, "summary": summary}))
+        torch._dynamo.reset()
     del enc_bf16
+    return rows
+
+
+def _packed_variants(args, device, size, enc_bf16, batches, reference, peak, shape, n, best_of) -> list[dict]:
+    """The padding-free encoder (simlm_core.modeling.packed) on the same batches: eager, compiled,
+    and compiled with the GELU in the GEMM epilogue; each checked against the bare loop's vectors."""
+    from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder
+
+    lengths = [int(x) for _, mask, _ in batches for x in mask.sum(1).tolist()]
+    packed_batches = [PackedBatch.from_padded(ids, mask, tt) for ids, mask, tt in batches]
+    flops = packed_forward_flops(SIZES[size]["enc"], lengths)
+    got = torch.empty_like(reference)
+    rows = []
+    for gelu_epilogue in (False, True):
+        model = PackedBertEncoder(enc_bf16, pooling="cls", gelu_epilogue=gelu_epilogue)
+        variants = [(m, m) for m in compile_modes(args)]
+        if not gelu_epilogue:
+            variants.insert(0, ("eager", None))
+        for label, mode in variants:
+            if mode is not None:
+                model = PackedBertEncoder(enc_bf16, pooling="cls", gelu_epilogue=gelu_epilogue)
+                model.compile(dynamic=True, **({} if mode == "default" else {"mode": mode}))
+
+            def loop(bl: list = packed_batches) -> None:
+                with torch.inference_mode():
+                    pos = 0
+                    for b in bl:
+                        h = model.encode(b)
+                        got[pos : pos + len(b)] = torch.nn.functional.normalize(h.float(), dim=-1).to(got.dtype)
+                        pos += len(b)
+
+            t0 = time.perf_counter()
+            loop()
+            sync(device)
+            compile_s = time.perf_counter() - t0 if mode is not None else 0.0
+            sec = best_of(loop)
+            cos = torch.nn.functional.cosine_similarity(got.float(), reference.float(), dim=-1)
+            what = (f"packed (no padding, [CLS]-only last layer), {'compiled ' + label if mode else 'eager'}"
+                    f"{', GELU in GEMM epilogue (tanh)' if gelu_epilogue else ''}")
+            print(f"   {what}: {n / sec:,.0f} psg/s, compile {compile_s:.0f} s, attention "
+                  f"{'varlen' if model.uses_varlen(reference.to(torch.bfloat16)) else 'padded'}, "
+                  f"cosine vs bare loop min {float(cos.min()):.5f} mean {float(cos.mean()):.6f}", flush=True)
+            rows.append(rate_row("encode", what, shape, n, "psg", float(sum(lengths)), flops, sec, peak,
+                                 {"compile_seconds": compile_s, "cosine_min": float(cos.min()),
+                                  "cosine_mean": float(cos.mean())}))
+            profile_top(device, what, lambda: loop(packed_batches[:4]), args.profile if mode else 0)
+        del model
     return rows
 
 
@@ -759,6 +833,8 @@ def main() -> None:
     ap.add_argument("--sdpa-backends", default="default",
                     help="comma list of attention kernels for the bf16/compiled variants: default (torch's "
                          "choice), cudnn, efficient, flash (no padding mask), math")
+    ap.add_argument("--packed", type=int, default=1,
+                    help="encode variants: also the padding-free encoder (simlm_core.modeling.packed) (0: off)")
     ap.add_argument("--profile", type=int, default=0,
                     help="cuda: print this many top kernels (by device time) of each compiled variant (0: off)")
     ap.add_argument("--cpu-bf16-probe", type=int, default=1, help="cpu: also time the bare loop under bf16 autocast (0: off)")

@@ -1,5 +1,6 @@
 """Where ``encode_corpus_shard``'s wall time goes: tokeniser in a thread vs in a child process,
-then a cProfile of the main thread (top functions by cumulative time).
+and the padding-free (packed) encoder, then a cProfile of the main thread (top functions by
+cumulative time).
 
     python benchmarks/shard_profile.py --device cuda [--passages 65536] [--batch 512]
 
@@ -56,18 +57,20 @@ def main() -> None:
         model_dir = work / "encoder"
         BiEncoder(BertModel(cfg, add_pooling_layer=True), tokenizer=tok).save_pretrained(model_dir)
 
-        def shard(in_process: bool) -> float:
+        def shard(in_process: bool, packed: bool = False) -> float:
             t0 = time.perf_counter()
             encode_corpus_shard(model_dir, corpus, 0, 1, work / "e.npy", work / "i.parquet", batch_size=args.batch,
                                 device=device, chunk_rows=args.chunk_rows, show_progress=False,
-                                tokenize_process=in_process)
+                                tokenize_process=in_process, packed=packed)
             return time.perf_counter() - t0
 
         shard(False)  # warm-up: kernels, allocator, page cache
-        for in_process in (False, True, False, True):
-            sec = shard(in_process)
-            print(f"encode_corpus_shard, tokeniser in a {'child process' if in_process else 'thread'}: "
-                  f"{sec:.2f} s wall incl. model load, {n / sec:,.0f} psg/s", flush=True)
+        shard(True, packed=True)
+        for in_process, packed in [(False, False), (True, False), (True, True)] * 2:
+            sec = shard(in_process, packed)
+            print(f"encode_corpus_shard, tokeniser in a {'child process' if in_process else 'thread'}"
+                  f"{', packed' if packed else ''}: {sec:.2f} s wall incl. model load, {n / sec:,.0f} psg/s",
+                  flush=True)
         for in_process in (True, False):
             prof = cProfile.Profile()
             prof.enable()

@@ -138,7 +138,8 @@ rule encode_shard:
     input:
         model=checkpoint_dir("{system}"),
         corpus=corpus_path(),
-        code=core("encode.py", "collators.py", "modeling/biencoder.py", "drivers/encode_corpus.py"),
+        code=core("encode.py", "collators.py", "tokenized.py", "modeling/biencoder.py", "modeling/packed.py",
+                  "drivers/encode_corpus.py"),
     output:
         embeddings=embedding_shard_path("{system}", "{shard}", ".npy"),
         ids=embedding_shard_path("{system}", "{shard}", ".ids.parquet"),
@@ -154,6 +155,7 @@ rule encode_shard:
                 "batch_size": config["encode"]["batch_size"],
                 "max_len": config["encode"]["p_max_len"],
                 "compile": config["encode"]["compile"],
+                "packed": config["encode"]["packed"],
             }
         ),
     threads: config["resources"]["cpu_threads"]
@@ -216,7 +218,8 @@ rule dense_search:
         index=index_path("{system}", ".faiss"),
         ids=index_path("{system}", ".ids.parquet"),
         queries=queries_path("{split}"),
-        code=core("encode.py", "collators.py", "index.py", "modeling/biencoder.py"),
+        code=core("encode.py", "collators.py", "tokenized.py", "index.py", "modeling/biencoder.py",
+                  "modeling/packed.py"),
     output:
         run=run_path("{system}", "{split}"),
     params:

@@ -48,6 +48,7 @@ from simlm_core.io import (
     load_queries,
 )
 from simlm_core.modeling.biencoder import BiEncoder
+from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder, packed_support
 from simlm_core.tokenized import BackendTokenizer, Tokenized, TokenizerProcess
 
 PathLike = str | os.PathLike[str]
@@ -59,6 +60,7 @@ __all__ = [
     "encode_queries",
     "encode_corpus_shard",
     "compile_encoder",
+    "packed_encoder",
     "shard_range",
 ]
 
@@ -113,6 +115,20 @@ def compile_encoder(model: BiEncoder) -> BiEncoder:
     """Run ``model``'s transformer through ``torch.compile`` (dynamic shapes: batch widths vary)."""
     model.encoder = torch.compile(model.encoder, dynamic=True)
     return model
+
+
+def packed_encoder(model: BiEncoder, compile: bool = False) -> PackedBertEncoder:
+    """A padding-free copy of ``model``'s encoder (:mod:`simlm_core.modeling.packed`).
+
+    Raises ``ValueError`` naming the reason when the encoder cannot be packed (only BERT can).
+    """
+    reason = packed_support(model.encoder)
+    if reason is not None:
+        raise ValueError(f"packed encoding is not available for this model: {reason}")
+    packed = PackedBertEncoder(model.encoder, pooling=model.pooling)
+    if compile:
+        packed.compile(dynamic=True)  # in place, so packed.encode() runs the compiled forward
+    return packed
 
 
 def _tokenize_items(
@@ -190,7 +206,13 @@ def _encode_tokenized(
     out_dtype: torch.dtype,
     progress: Any,
     width_multiple: int = 1,
+    packed: PackedBertEncoder | None = None,
 ) -> torch.Tensor:
+    """``tokenized`` -> ``[N, D]`` on the model's device, in input order.
+
+    ``packed``: encode through this padding-free copy of ``model``'s encoder instead (each batch's
+    tokens packed into one row; see :mod:`simlm_core.modeling.packed`).
+    """
     device = next(model.parameters()).device
     n = len(tokenized)
     out = torch.empty((n, model.hidden_size), dtype=out_dtype, device=device)
@@ -209,8 +231,16 @@ def _encode_tokenized(
     with torch.inference_mode(), _precision_context(model, device, bf16):
         for s in range(0, n, batch_size):
             rows = order_dev[s : s + batch_size]
-            ids, mask, tts = tokens.batch(rows, rounded(int(lengths[order[s]])), pad_id)
-            emb = model.encode(ids, mask, tts, prepared_mask=model.prepared_attention_mask(mask))
+            if packed is None:
+                ids, mask, tts = tokens.batch(rows, rounded(int(lengths[order[s]])), pad_id)
+                emb = model.encode(ids, mask, tts, prepared_mask=model.prepared_attention_mask(mask))
+            else:
+                batch = PackedBatch.from_flat(tokens.ids, tokens.type_ids, tokens.starts[rows], tokens.lengths[rows],
+                                              int(lengths[order[s : s + batch_size]].sum()),
+                                              rounded(int(lengths[order[s]])))
+                emb = packed.encode(batch)
+                if model.normalize:
+                    emb = torch.nn.functional.normalize(emb.float(), dim=-1)
             out[rows] = emb.to(out_dtype)
             if progress is not None:
                 progress.update(len(rows))
@@ -232,14 +262,17 @@ def encode_texts(
     passage_format: str | None = None,
     out_dtype: torch.dtype = torch.float16,
     progress: Any = None,
+    packed: PackedBertEncoder | None = None,
 ) -> torch.Tensor:
     """Encode queries (``str`` items) or passages (``(title, text)`` items) -> ``[N, D]``.
 
     The result stays on the model's device, in input order. Items are tokenised once, sorted by
-    length (longest first) and batched; ``progress`` (a tqdm) is advanced per batch.
+    length (longest first) and batched; ``progress`` (a tqdm) is advanced per batch. ``packed``
+    (from :func:`packed_encoder`): encode padding-free through it.
     """
     tokenized = _tokenize(model, tokenizer, texts, max_len, passage_format)
-    return _encode_tokenized(model, tokenized, _pad_id(tokenizer), batch_size, bf16, out_dtype, progress)
+    return _encode_tokenized(model, tokenized, _pad_id(tokenizer), batch_size, bf16, out_dtype, progress,
+                             packed=packed)
 
 
 def encode_queries(
@@ -321,14 +354,16 @@ def encode_corpus_shard(
     show_progress: bool = True,
     compile: bool = False,
     tokenize_process: bool | None = None,
+    packed: bool = False,
 ) -> dict[str, Any]:
     """Encode one shard of the corpus to ``out_embeddings`` (fp16 ``.npy``) + ``out_ids`` (Parquet).
 
     ``max_len`` None: the model's p_max_len (144). ``bf16`` on a GPU that has it: the weights are
     cast to bf16. ``compile``: ``torch.compile`` the encoder (pays off on large shards; the first
     batches wait for compilation). ``tokenize_process``: tokenise in a child process (None: on a
-    GPU with a fast tokenizer, where it beat a helper thread). Returns a summary (rows, dim,
-    seconds, passages/s, device).
+    GPU with a fast tokenizer, where it beat a helper thread). ``packed``: encode padding-free
+    (:func:`packed_encoder`; BERT encoders only). Returns a summary (rows, dim, seconds,
+    passages/s, device).
     """
     t0 = time.time()
     pf = pq.ParquetFile(corpus_path)
@@ -342,8 +377,10 @@ def encode_corpus_shard(
     model = load_encoder(model_dir, pooling, normalize, passage_format, dev,
                          dtype=torch.bfloat16 if use_bf16 else None)
     width_multiple = 1
+    packed_model = packed_encoder(model, compile=compile) if packed else None
     if compile:
-        compile_encoder(model)
+        if packed_model is None:
+            compile_encoder(model)
         width_multiple = 8
     dim = model.hidden_size
     max_len = max_len or model.bi_config.p_max_len
@@ -398,7 +435,7 @@ def encode_corpus_shard(
                     nxt = next(chunks, None)
                     pending = submit_chunk(nxt) if nxt is not None else None
                     emb = _encode_tokenized(model, tokenized, pad_id, batch_size, bf16, torch.float16, bar,
-                                            width_multiple)
+                                            width_multiple, packed_model)
                     mm[written : written + len(tokenized)] = emb.cpu().numpy()
                     ids_writer.write({"pid": pids})
                     written += len(tokenized)
@@ -421,6 +458,7 @@ def encode_corpus_shard(
         "device": str(dev),
         "bf16": use_bf16,
         "compiled": bool(compile),
+        "packed": packed_model is not None,
         "tokenized_in_process": in_process,
         "out_embeddings": str(out_embeddings),
         "out_ids": str(out_ids),

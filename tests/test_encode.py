@@ -204,3 +204,26 @@ def test_bf16_weights_stay_close_to_fp32(trained_like_dir):
     b = encode_texts(bf16, bf16.tokenizer, items, max_len=32, out_dtype=torch.float32)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert cos.min() > 0.99
+
+
+def test_packed_shard_matches_the_padded_shard(trained_like_dir, grouped_corpus, tmp_path):
+    """encode_corpus_shard(packed=True) writes the vectors of the padded path, in the same order."""
+    outs = {}
+    for packed in (False, True):
+        emb, ids = tmp_path / f"e{packed}.npy", tmp_path / f"i{packed}.parquet"
+        summary = encode_corpus_shard(trained_like_dir, grouped_corpus, 0, 1, emb, ids, batch_size=5,
+                                      chunk_rows=11, show_progress=False, packed=packed)
+        assert summary["packed"] is packed
+        outs[packed] = (np.load(emb).astype(np.float32), read_table(ids, IDS_SCHEMA).pid.tolist())
+    assert outs[True][1] == outs[False][1]
+    np.testing.assert_allclose(outs[True][0], outs[False][0], atol=2e-3)
+
+
+def test_packed_needs_a_bert_encoder(trained_like_dir):
+    from simlm_core.encode import packed_encoder
+
+    model = load_encoder(trained_like_dir, device="cpu")
+    assert packed_encoder(model).pooling == model.pooling
+    model.encoder.config.model_type = "roberta"
+    with pytest.raises(ValueError, match="packed encoding is not available.*roberta"):
+        packed_encoder(model)

@@ -39,6 +39,8 @@ class EncodeCorpusArgs:
     show_progress: bool = True
     compile: bool = False
     """torch.compile the encoder (GPU; widths padded to x8)."""
+    packed: bool = False
+    """Encode padding-free (each batch's tokens in one row; BERT encoders only)."""
 
 
 def main(argv: list[str] | None = None) -> int:

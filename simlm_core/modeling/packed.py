@@ -1,0 +1,235 @@
+"""Padding-free BERT inference: a batch's tokens packed into one ``[T, H]`` row, no padding anywhere.
+
+The encoder of a :class:`~simlm_core.modeling.biencoder.BiEncoder`, for encoding only, with the
+same weights (shared, not copied, except the fused query/key/value matrix) and the same
+arithmetic as transformers' ``BertModel``, but:
+
+- **no padding**: every linear layer, LayerNorm and activation runs on the batch's real tokens
+  only; attention is variable-length flash attention over ``cu_seqlens`` (``varlen_attn``,
+  torch >= 2.10 on CUDA) or, elsewhere, SDPA on a padded copy of q/k/v (the same result, for
+  CPU and tests);
+- **one fused query/key/value projection** (one GEMM of width ``3H`` instead of three of ``H``);
+- **[CLS] pooling reads one row per passage**, so the last layer runs its attention queries, its
+  output projection and its feed-forward block on the [CLS] rows only: those are all the pooled
+  vector depends on (1/12 of BERT-base's FLOPs skipped at no change in the result);
+- optionally (``gelu_epilogue``), the feed-forward GELU computed in the GEMM's epilogue
+  (``torch._addmm_activation``, cuBLASLt on CUDA). That is the tanh approximation of GELU,
+  not BERT's erf form: off by default; the benchmark reports how far it moves the vectors.
+
+Only what encoding needs is supported: a ``bert`` encoder with absolute positions, in eval mode.
+:func:`packed_support` says why a model is not.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PackedBatch", "PackedBertEncoder", "packed_support", "varlen_available"]
+
+
+def _varlen_attn() -> Any:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+def varlen_available(device: torch.device) -> bool:
+    """Whether variable-length flash attention can run on ``device`` (CUDA, torch >= 2.10)."""
+    return device.type == "cuda" and _varlen_attn() is not None
+
+
+def packed_support(encoder: nn.Module) -> str | None:
+    """``None`` if :class:`PackedBertEncoder` can run ``encoder``; else the reason it cannot."""
+    config = getattr(encoder, "config", None)
+    if getattr(config, "model_type", None) != "bert":
+        return f"model type {getattr(config, 'model_type', None)!r} (only 'bert' is packed)"
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return f"position_embedding_type {config.position_embedding_type!r} (only 'absolute')"
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return "a decoder / cross-attention BERT"
+    if not hasattr(encoder, "embeddings") or not hasattr(encoder, "encoder"):
+        return f"{type(encoder).__name__} is not a BertModel"
+    return None
+
+
+class PackedBatch:
+    """A batch of ``N`` texts as one packed row of ``T`` tokens.
+
+    ``cu_seqlens`` (int32, ``[N+1]``) holds each text's start in the row (flash attention's
+    layout); ``seq_index`` (``[T]``) the text each token belongs to; ``positions`` (``[T]``)
+    each token's position in its text. ``max_len`` is a host-side bound on the texts' lengths.
+    """
+
+    __slots__ = ("input_ids", "token_type_ids", "positions", "seq_index", "cu_seqlens", "max_len")
+
+    def __init__(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, positions: torch.Tensor,
+                 seq_index: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> None:
+        self.input_ids = input_ids
+        self.token_type_ids = token_type_ids
+        self.positions = positions
+        self.seq_index = seq_index
+        self.cu_seqlens = cu_seqlens
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @classmethod
+    def from_flat(cls, ids: torch.Tensor, type_ids: torch.Tensor | None, starts: torch.Tensor,
+                  lengths: torch.Tensor, total_tokens: int, max_len: int) -> "PackedBatch":
+        """Gather texts out of flat token arrays (``ids[starts[i] : starts[i] + lengths[i]]``).
+
+        ``total_tokens`` (``lengths.sum()``) and ``max_len`` come from the host, so building the
+        batch never waits for the device.
+        """
+        device = ids.device
+        n = lengths.numel()
+        cu = torch.zeros(n + 1, dtype=torch.int32, device=device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        seq = torch.repeat_interleave(torch.arange(n, device=device), lengths, output_size=total_tokens)
+        pos = torch.arange(total_tokens, device=device) - cu[:-1].long()[seq]
+        flat = starts[seq] + pos
+        tts = None if type_ids is None else type_ids[flat]
+        return cls(ids[flat], tts, pos, seq, cu, max_len)
+
+    @classmethod
+    def from_padded(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None = None) -> "PackedBatch":
+        """From an ordinary right-padded batch (reads the mask on the host: for tests and tools)."""
+        mask = attention_mask.bool()
+        lengths = mask.sum(1)
+        if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]):
+            raise ValueError("attention_mask must be right-padded (ones, then zeros)")
+        width = input_ids.shape[1]
+        starts = torch.arange(input_ids.shape[0], device=input_ids.device) * width
+        tts = None if token_type_ids is None else token_type_ids.reshape(-1)
+        return cls.from_flat(input_ids.reshape(-1), tts, starts, lengths, int(lengths.sum()), width)
+
+
+class PackedBertEncoder(nn.Module):
+    """A ``BertModel``'s forward on packed tokens, returning pooled ``[N, H]`` vectors (see the module doc).
+
+    ``attention``: ``"varlen"`` (flash attention over ``cu_seqlens``; CUDA, fp16/bf16),
+    ``"padded"`` (SDPA on padded q/k/v with a key mask; any device) or ``"auto"`` (varlen where it
+    can run: CUDA, with q/k/v in fp16/bf16, i.e. half weights or under autocast).
+    """
+
+    def __init__(self, bert: nn.Module, pooling: str = "cls", attention: str = "auto",
+                 gelu_epilogue: bool = False) -> None:
+        super().__init__()
+        reason = packed_support(bert)
+        if reason is not None:
+            raise ValueError(f"cannot pack this encoder: {reason}")
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        if attention not in ("auto", "varlen", "padded"):
+            raise ValueError(f"attention must be 'auto', 'varlen' or 'padded', got {attention!r}")
+        cfg = bert.config
+        self.pooling = pooling
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.layer_norm_eps
+        self.hidden_act = cfg.hidden_act
+        self.gelu_epilogue = bool(gelu_epilogue)
+        if self.gelu_epilogue and cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"gelu_epilogue needs a GELU encoder, this one uses {cfg.hidden_act!r}")
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[cfg.hidden_act]
+        self.embeddings = bert.embeddings
+        self.layers = bert.encoder.layer
+        # One [3H, H] projection per layer; the only weights copied (encoding is inference-only).
+        self.qkv_weight = nn.ParameterList()
+        self.qkv_bias = nn.ParameterList()
+        for layer in self.layers:
+            s = layer.attention.self
+            self.qkv_weight.append(nn.Parameter(torch.cat([s.query.weight, s.key.weight, s.value.weight]).detach(),
+                                                requires_grad=False))
+            self.qkv_bias.append(nn.Parameter(torch.cat([s.query.bias, s.key.bias, s.value.bias]).detach(),
+                                              requires_grad=False))
+        self.attention = attention
+        self.eval()
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                seq_index: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                queries_are_first_tokens: bool) -> torch.Tensor:
+        """``q`` ``[Tq, heads, d]`` (every token, or only each text's first) against ``k``/``v`` ``[T, heads, d]``."""
+        n = cu_seqlens.numel() - 1
+        if self.uses_varlen(q):
+            varlen_attn = _varlen_attn()
+            if queries_are_first_tokens:
+                cu_q = torch.arange(n + 1, dtype=torch.int32, device=q.device)
+                return varlen_attn(q, k, v, cu_q, cu_seqlens, 1, max_len)
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+        # Padded fallback: scatter into [N, L, heads, d], SDPA with a key-padding mask, gather back.
+        slot = seq_index * max_len + positions
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(n * max_len, *x.shape[1:])
+            out[slot] = x
+            return out.view(n, max_len, *x.shape[1:]).transpose(1, 2)  # [N, heads, L, d]
+
+        key_mask = torch.zeros(n * max_len, dtype=torch.bool, device=q.device)
+        key_mask[slot] = True
+        key_mask = key_mask.view(n, 1, 1, max_len)
+        kp, vp = padded(k), padded(v)
+        if queries_are_first_tokens:
+            qp = q[:, :, None, :]  # [N, heads, 1, d]
+            return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask)[:, :, 0]
+        out = F.scaled_dot_product_attention(padded(q), kp, vp, attn_mask=key_mask)
+        return out.transpose(1, 2).reshape(n * max_len, *q.shape[1:])[slot]
+
+    def uses_varlen(self, q: torch.Tensor) -> bool:
+        if self.attention == "auto":
+            return varlen_available(q.device) and q.dtype in (torch.float16, torch.bfloat16)
+        return self.attention == "varlen"
+
+    def _feed_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        inter = layer.intermediate.dense
+        if self.gelu_epilogue:
+            h = torch._addmm_activation(inter.bias, x, inter.weight.t(), use_gelu=True)
+        else:
+            h = self.act(inter(x))
+        out = layer.output
+        return out.LayerNorm(out.dense(h) + x)
+
+    # -- forward ---------------------------------------------------------------------------
+    def encode(self, batch: PackedBatch) -> torch.Tensor:
+        """Pooled ``[N, H]`` vectors of ``batch``'s texts, in batch order (not normalised)."""
+        return self(batch.input_ids, batch.positions, batch.seq_index, batch.cu_seqlens, batch.max_len,
+                    batch.token_type_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
+                cu_seqlens: torch.Tensor, max_len: int, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The fields of a :class:`PackedBatch` (plain tensors, for ``torch.compile``) -> ``[N, H]``."""
+        emb = self.embeddings
+        x = emb.word_embeddings(input_ids) + emb.position_embeddings(positions)
+        if token_type_ids is not None:
+            x = x + emb.token_type_embeddings(token_type_ids)
+        else:
+            x = x + emb.token_type_embeddings.weight[0]
+        x = emb.LayerNorm(x)
+        first = cu_seqlens[:-1].long()
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            qkv = F.linear(x, self.qkv_weight[i], self.qkv_bias[i]).view(-1, 3, self.heads, self.head_dim)
+            q, k, v = qkv.unbind(1)
+            cls_only = i == last and self.pooling == "cls"
+            if cls_only:  # the pooled vector reads only the [CLS] rows of the last layer
+                q, x = q[first], x[first]
+            ctx = self._attend(q, k, v, positions, seq_index, cu_seqlens, max_len, cls_only).reshape(x.shape[0], -1)
+            attn_out = layer.attention.output
+            x = attn_out.LayerNorm(attn_out.dense(ctx) + x)
+            x = self._feed_forward(layer, x)
+        if self.pooling == "cls":
+            return x
+        n = cu_seqlens.numel() - 1
+        sums = x.new_zeros(n, x.shape[1]).index_add_(0, seq_index, x)
+        counts = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).to(x.dtype)
+        return sums / counts[:, None]
