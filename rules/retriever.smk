@@ -155,7 +155,8 @@ rule encode_shard:
                 "batch_size": config["encode"]["batch_size"],
                 "max_len": config["encode"]["p_max_len"],
                 "compile": config["encode"]["compile"],
-                "packed": config["encode"]["packed"],
+                "packed": None if config["encode"]["packed"] == "auto" else config["encode"]["packed"],
+                "gelu_epilogue": config["encode"]["gelu_epilogue"],
             }
         ),
     threads: config["resources"]["cpu_threads"]

@@ -21,12 +21,14 @@ def coerce_cli_strings(config: dict[str, Any], validator: jsonschema.protocols.V
 
     Snakemake parses nested ``--config key="{a: 1.1}"`` values as plain strings; without this a
     documented override like ``bm25="{k1: 1.1}"`` would fail validation. Only values that fail
-    a type check, and that parse (as YAML) into something the schema accepts, are converted.
+    a type or enum check, and that parse (as YAML) into something the schema accepts, are
+    converted (``encode="{packed: false}"``: the enum holds ``auto`` and the booleans).
     """
     for _ in range(100):  # each pass fixes at least one value; a bound guards against loops
         changed = False
         for error in validator.iter_errors(config):
-            if error.validator != "type" or not isinstance(error.instance, str) or not error.absolute_path:
+            if (error.validator not in ("type", "enum") or not isinstance(error.instance, str)
+                    or not error.absolute_path):
                 continue
             parsed = yaml.safe_load(error.instance)
             if isinstance(parsed, str) or not validator.evolve(schema=error.schema).is_valid(parsed):

@@ -219,6 +219,16 @@ def test_packed_shard_matches_the_padded_shard(trained_like_dir, grouped_corpus,
     np.testing.assert_allclose(outs[True][0], outs[False][0], atol=2e-3)
 
 
+def test_packed_is_the_default_for_bert_and_gelu_epilogue_needs_it(trained_like_dir, grouped_corpus, tmp_path):
+    summary = encode_corpus_shard(trained_like_dir, grouped_corpus, 0, 2, tmp_path / "e.npy", tmp_path / "i.parquet",
+                                  show_progress=False)
+    assert summary["packed"] is True and summary["gelu_epilogue"] is False
+    with pytest.raises(ValueError, match="gelu_epilogue needs packed"):
+        encode_corpus_shard(trained_like_dir, grouped_corpus, 0, 2, tmp_path / "f.npy", tmp_path / "f.parquet",
+                            show_progress=False, packed=False, gelu_epilogue=True)
+    assert not (tmp_path / "f.npy").exists()
+
+
 def test_packed_needs_a_bert_encoder(trained_like_dir):
     from simlm_core.encode import packed_encoder
 

@@ -39,8 +39,10 @@ class EncodeCorpusArgs:
     show_progress: bool = True
     compile: bool = False
     """torch.compile the encoder (GPU; widths padded to x8)."""
-    packed: bool = False
-    """Encode padding-free (each batch's tokens in one row; BERT encoders only)."""
+    packed: bool | None = None
+    """Encode padding-free (each batch's tokens in one row; BERT encoders only). None: where possible."""
+    gelu_epilogue: bool = False
+    """Packed only: the feed-forward GELU (tanh form) in the GEMM epilogue (GPU speed; not bit-exact)."""
 
 
 def main(argv: list[str] | None = None) -> int:
