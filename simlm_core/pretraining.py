@@ -58,7 +58,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer
 
 from simlm_core.io import corpus_arrow_cache, iter_corpus_batches, passage_text
-from simlm_core.training import TrainConfig, to_training_arguments, train_and_save
+from simlm_core.training import TrainConfig, to_training_arguments, train_and_save, uses_cuda_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +103,19 @@ def tokenize_passages(
     max_len: int,
     title_as_pair: bool = True,
     pad_to_multiple_of: int | None = None,
+    pad_to_max_len: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """``[CLS] title [SEP] text [SEP]`` (or one segment), truncated and padded to the batch."""
+    """``[CLS] title [SEP] text [SEP]`` (or one segment), truncated and padded to the batch
+    (``pad_to_max_len``: to ``max_len``, one shape for every batch)."""
     titles = [ex.get("title") or "" for ex in examples]
     texts = [ex.get("text") or "" for ex in examples]
+    padding = "max_length" if pad_to_max_len else True
     if title_as_pair:
-        enc = tokenizer(titles, texts, truncation=True, max_length=max_len, padding=True,
+        enc = tokenizer(titles, texts, truncation=True, max_length=max_len, padding=padding,
                         pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
     else:
         enc = tokenizer([passage_text(t, x) for t, x in zip(titles, texts)], truncation=True,
-                        max_length=max_len, padding=True, pad_to_multiple_of=pad_to_multiple_of,
+                        max_length=max_len, padding=padding, pad_to_multiple_of=pad_to_multiple_of,
                         return_tensors="pt")
     out = {k: enc[k] for k in ("input_ids", "attention_mask")}
     if "token_type_ids" in enc:
@@ -196,6 +199,8 @@ class RLMCollator:
     all_use_mask_token: bool = True
     title_as_pair: bool = True
     pad_to_multiple_of: int | None = None
+    pad_to_max_len: bool = False
+    """Pad every batch to ``max_len``: one input shape, as CUDA-graph replay needs."""
 
     def __post_init__(self) -> None:
         if self.tokenizer.mask_token_id is None or self.tokenizer.pad_token_id is None:
@@ -223,7 +228,8 @@ class RLMCollator:
         return out
 
     def __call__(self, examples: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
-        batch = tokenize_passages(self.tokenizer, examples, self.max_len, self.title_as_pair, self.pad_to_multiple_of)
+        batch = tokenize_passages(self.tokenizer, examples, self.max_len, self.title_as_pair, self.pad_to_multiple_of,
+                                  self.pad_to_max_len)
         ids, attn = batch["input_ids"], batch["attention_mask"].bool()
         special = torch.isin(ids, self._special_ids)
         candidates = attn & ~special
@@ -379,8 +385,9 @@ class RLMTrainer(Trainer):
         if model.training:
             for name in ("encoder_loss", "decoder_loss", "replace_ratio"):
                 value = outputs.get(name)
-                if value is not None:  # kept on the device: float() here would sync every step
-                    self._meters.setdefault(name, []).append(value.detach())
+                if value is not None:  # kept on the device: float() here would sync every step;
+                    # a copy, since a CUDA-graph replay (torch_compile_mode) reuses its output buffers
+                    self._meters.setdefault(name, []).append(value.detach().clone())
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -440,6 +447,7 @@ def pretrain(args: PretrainArgs) -> dict[str, Any]:
         all_use_mask_token=args.all_use_mask_token,
         title_as_pair=args.title_as_pair,
         pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None,
+        pad_to_max_len=uses_cuda_graphs(args),
     )
     trainer = RLMTrainer(
         model=model,

@@ -45,6 +45,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     """``torch.compile`` the model (GPU; measured 1.25-1.34x per step on BERT-base, H200)."""
+    torch_compile_mode: str | None = None
+    """A ``torch.compile`` mode (implies ``torch_compile``): ``reduce-overhead`` replays each step
+    as CUDA graphs (H200, RLM step: 1,756 vs 1,430 psg/s compiled; pre-training then pads every
+    batch to ``max_len`` so the graphs see one shape). None / "default": torch's default."""
     save_steps: int = 500
     save_total_limit: int = 2
     logging_steps: int = 50
@@ -67,6 +71,23 @@ def split_train_config(values: dict[str, Any]) -> tuple[TrainConfig, dict[str, A
 
 def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(cfg: TrainConfig) -> str | None:
+    """``cfg``'s non-default torch.compile mode (None: default or not compiling); checks the name."""
+    mode = cfg.torch_compile_mode
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"torch_compile_mode must be one of {COMPILE_MODES}, got {mode!r}")
+    return None if mode in (None, "default") else mode
+
+
+def uses_cuda_graphs(cfg: TrainConfig) -> bool:
+    """Whether training replays CUDA graphs (a compile mode that uses them, on a CUDA device)."""
+    mode = compile_mode(cfg)
+    return mode is not None and "no-cudagraphs" not in mode and torch.cuda.is_available()
 
 
 def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
@@ -101,7 +122,8 @@ def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArgumen
         disable_tqdm=cfg.disable_tqdm,
         save_safetensors=True,
         ddp_find_unused_parameters=False,
-        torch_compile=cfg.torch_compile,
+        torch_compile=cfg.torch_compile or cfg.torch_compile_mode is not None,
+        torch_compile_mode=compile_mode(cfg),
         # The filter tests every step's loss for NaN/inf on the host: a device sync per step, and
         # it hides a diverging run behind averaged old losses. Unfiltered, a NaN shows in the log.
         logging_nan_inf_filter=False,

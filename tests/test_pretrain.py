@@ -485,3 +485,16 @@ def test_resume_after_kill(tiny_encoder_dir, tiny_generator_dir, tmp_path):
     if killed:  # resumed from a checkpoint written before the kill
         assert int(Path(log["resumed_from"]).name.split("-")[1]) < 6
     print(f"killed={killed} resumed_from={Path(log['resumed_from']).name}")
+
+
+def test_pad_to_max_len_gives_one_shape_and_the_same_labels(tokenizer, passages):
+    """CUDA-graph training pads every batch to max_len; the real tokens and labels are unchanged."""
+    examples = passages.__getitems__(list(range(8)))
+    torch.manual_seed(0)
+    short = RLMCollator(tokenizer, max_len=200)(examples)
+    torch.manual_seed(0)
+    full = RLMCollator(tokenizer, max_len=200, pad_to_max_len=True)(examples)
+    width = short["labels"].shape[1]
+    assert width < 200 and all(v.shape == (8, 200) for v in full.values())
+    assert torch.equal(full["labels"][:, :width], short["labels"])
+    assert (full["labels"][:, width:] == -100).all() and not full["attention_mask"][:, width:].any()

@@ -134,6 +134,14 @@ def test_training_arguments_carry_torch_compile(tmp_path):
     assert args.torch_compile is True
     assert args.logging_nan_inf_filter is False  # no per-step host sync; a NaN loss shows in the log
     assert to_training_arguments(TrainConfig(output_dir="o", work_dir=str(tmp_path / "w"))).torch_compile is False
+    graphs = to_training_arguments(TrainConfig(output_dir="o", work_dir=str(tmp_path / "w"),
+                                               torch_compile_mode="reduce-overhead"))
+    assert graphs.torch_compile is True and graphs.torch_compile_mode == "reduce-overhead"
+    plain = to_training_arguments(TrainConfig(output_dir="o", work_dir=str(tmp_path / "w"), torch_compile=True,
+                                              torch_compile_mode="default"))
+    assert plain.torch_compile is True and plain.torch_compile_mode is None
+    with pytest.raises(ValueError, match="torch_compile_mode must be one of"):
+        to_training_arguments(TrainConfig(output_dir="o", work_dir=str(tmp_path / "w"), torch_compile_mode="fast"))
 
 
 @pytest.mark.parametrize("name", ["msmarco", "nq", "beir"])
