@@ -37,13 +37,14 @@ def grad_accumulation_check(device: torch.device, modes: list[str]) -> list[dict
     from transformers import BertConfig, BertForMaskedLM
 
     from simlm_core.modeling.pretrain import SimLMForPretraining
+    from simlm_core.training import mode_uses_cuda_graphs
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=M.VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=1024, max_position_embeddings=512, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     model = SimLMForPretraining(BertForMaskedLM(cfg), replacer=None, decoder_layers=2,
-                                label_positions="masked").to(device)
+                                label_positions="all").to(device)
     gen = torch.Generator().manual_seed(1)
 
     def batch() -> dict:
@@ -58,9 +59,11 @@ def grad_accumulation_check(device: torch.device, modes: list[str]) -> list[dict
 
     batches = [batch() for _ in range(2)]
 
-    def accumulated(m) -> torch.Tensor:
+    def accumulated(m, mark_steps: bool = False) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         for b in batches:  # two micro-batches, as gradient_accumulation_steps=2
+            if mark_steps:  # what RLMTrainer.compute_loss does under CUDA graphs
+                torch.compiler.cudagraph_mark_step_begin()
             with M.autocast(device):
                 loss = m(**b).loss
             loss.backward()
@@ -72,7 +75,7 @@ def grad_accumulation_check(device: torch.device, modes: list[str]) -> list[dict
         torch._dynamo.reset()
         m = torch.compile(model, mode=None if mode == "default" else mode)
         for _ in range(3):  # records / warms the graphs; the last call is the one compared
-            got = accumulated(m)
+            got = accumulated(m, mark_steps=mode_uses_cuda_graphs(mode))
         cos = float(torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=0))
         rel = float((got - ref).norm() / ref.norm())
         print(f"   accumulated gradients, 2 micro-batches, compile mode {mode}: cosine {cos:.6f}, "

@@ -247,7 +247,12 @@ def _cache_is_complete(path: Path, num_rows: int) -> bool:
     try:
         with pa.memory_map(str(path), "r") as source:
             reader = ipc.open_file(source)
-            return reader.schema.equals(CORPUS_SCHEMA) and reader.count_rows() == num_rows
+            if not reader.schema.equals(CORPUS_SCHEMA):
+                return False
+            # Batch by batch, zero-copy on the map (RecordBatchFileReader.count_rows is missing
+            # from older pyarrow releases, which our pyarrow>=14 pin admits).
+            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+            return rows == num_rows
     except (OSError, pa.ArrowException):
         return False
 

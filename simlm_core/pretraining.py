@@ -58,7 +58,13 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer
 
 from simlm_core.io import corpus_arrow_cache, iter_corpus_batches, passage_text
-from simlm_core.training import TrainConfig, to_training_arguments, train_and_save, uses_cuda_graphs
+from simlm_core.training import (
+    TrainConfig,
+    mode_uses_cuda_graphs,
+    to_training_arguments,
+    train_and_save,
+    uses_cuda_graphs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -381,6 +387,10 @@ class RLMTrainer(Trainer):
         model.load_weights(resume_from_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and mode_uses_cuda_graphs(self.args.torch_compile_mode):
+            # Each micro-batch is a new replay: the previous one's outputs have been consumed by
+            # its backward (and the loss meters hold copies), so their buffers may be reused.
+            torch.compiler.cudagraph_mark_step_begin()
         outputs = model(**inputs)
         if model.training:
             for name in ("encoder_loss", "decoder_loss", "replace_ratio"):

@@ -84,10 +84,14 @@ def compile_mode(cfg: TrainConfig) -> str | None:
     return None if mode in (None, "default") else mode
 
 
+def mode_uses_cuda_graphs(mode: str | None) -> bool:
+    """Whether ``torch.compile(mode=mode)`` replays CUDA graphs (on a CUDA device)."""
+    return mode is not None and mode not in ("default", "max-autotune-no-cudagraphs") and torch.cuda.is_available()
+
+
 def uses_cuda_graphs(cfg: TrainConfig) -> bool:
     """Whether training replays CUDA graphs (a compile mode that uses them, on a CUDA device)."""
-    mode = compile_mode(cfg)
-    return mode is not None and "no-cudagraphs" not in mode and torch.cuda.is_available()
+    return mode_uses_cuda_graphs(compile_mode(cfg))
 
 
 def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
