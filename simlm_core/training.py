@@ -47,8 +47,10 @@ class TrainConfig:
     """``torch.compile`` the model (GPU; measured 1.25-1.34x per step on BERT-base, H200)."""
     torch_compile_mode: str | None = None
     """A ``torch.compile`` mode (implies ``torch_compile``): ``reduce-overhead`` replays each step
-    as CUDA graphs (H200, RLM step: 1,756 vs 1,430 psg/s compiled; pre-training then pads every
-    batch to ``max_len`` so the graphs see one shape). None / "default": torch's default."""
+    as CUDA graphs (H200, BERT-base RLM, 64 x 144: 1,556 psg/s through RLMTrainer; the bare step
+    1,756 vs 1,430 compiled without graphs; pre-training then pads every batch to ``max_len`` so
+    the graphs see one shape). Needs ``gradient_accumulation_steps: 1`` (checked before
+    training). None / "default": torch's default."""
     save_steps: int = 500
     save_total_limit: int = 2
     logging_steps: int = 50
@@ -94,8 +96,25 @@ def uses_cuda_graphs(cfg: TrainConfig) -> bool:
     return mode_uses_cuda_graphs(compile_mode(cfg))
 
 
+def check_cuda_graph_settings(cfg: TrainConfig) -> None:
+    """Refuse, before any work, what CUDA-graph training cannot do: accumulate gradients.
+
+    Measured on an H200 (benchmarks/trainer_cudagraphs.py): with two micro-batches per step the
+    second backward fails with "accessing tensor output of CUDAGraphs that has been overwritten"
+    -- the gradient of a weight used twice (SimLM's shared embeddings; a biencoder's one encoder
+    for queries and passages) is summed in a graph output buffer that the next replay reuses.
+    """
+    if uses_cuda_graphs(cfg) and cfg.gradient_accumulation_steps > 1:
+        raise ValueError(
+            f"torch_compile_mode={cfg.torch_compile_mode!r} replays CUDA graphs, which cannot accumulate "
+            f"gradients (gradient_accumulation_steps={cfg.gradient_accumulation_steps}): set "
+            "gradient_accumulation_steps to 1 (a larger per_device_train_batch_size or more GPUs keep the "
+            "batch) or torch_compile_mode to 'default'")
+
+
 def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
     """TrainingArguments for ``cfg``; bf16/fp16 are dropped (with a note) where the device lacks them."""
+    check_cuda_graph_settings(cfg)
     bf16 = cfg.bf16 and bf16_supported()
     fp16 = cfg.fp16 and torch.cuda.is_available()
     if (cfg.bf16 and not bf16) or (cfg.fp16 and not fp16):

@@ -140,6 +140,18 @@ def test_training_arguments_carry_torch_compile(tmp_path):
     plain = to_training_arguments(TrainConfig(output_dir="o", work_dir=str(tmp_path / "w"), torch_compile=True,
                                               torch_compile_mode="default"))
     assert plain.torch_compile is True and plain.torch_compile_mode is None
+    from simlm_core import training
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(training.torch.cuda, "is_available", lambda: True)
+    try:  # on a CUDA machine, CUDA graphs with gradient accumulation are refused before training
+        with pytest.raises(ValueError, match="cannot accumulate gradients"):
+            training.check_cuda_graph_settings(TrainConfig(output_dir="o", work_dir="w", gradient_accumulation_steps=4,
+                                                           torch_compile_mode="reduce-overhead"))
+        training.check_cuda_graph_settings(TrainConfig(output_dir="o", work_dir="w", gradient_accumulation_steps=4,
+                                                       torch_compile_mode="max-autotune-no-cudagraphs"))
+    finally:
+        monkey.undo()
     with pytest.raises(ValueError, match="torch_compile_mode must be one of"):
         to_training_arguments(TrainConfig(output_dir="o", work_dir=str(tmp_path / "w"), torch_compile_mode="fast"))
 
