@@ -133,8 +133,6 @@ class PackedBertEncoder(nn.Module):
         self.pooling = pooling
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.layer_norm_eps
-        self.hidden_act = cfg.hidden_act
         self.gelu_epilogue = bool(gelu_epilogue)
         if self.gelu_epilogue and cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"gelu_epilogue needs a GELU encoder, this one uses {cfg.hidden_act!r}")
