@@ -3,7 +3,7 @@
 # or failing part cannot take the others' figures with it.
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]     (default benchmarks/results; about 8 min on an H200)
 # Environment:
-#   PARTS          parts in order (default "shard encode biencoder pretrain"); also "encode-bare":
+#   PARTS          parts in order (default "shard encode biencoder pretrain rerank"); also "encode-bare":
 #                  the encoder's bare loops only (bf16 weights, compiled), without the pipeline
 #                  paths. "shard" is shard_profile.py: encode_corpus_shard timed and profiled.
 #   COMPILE_MODES  torch.compile modes of the compiled variants (default "default"); per part:
@@ -41,7 +41,7 @@ t2 = time.perf_counter()
 print(f"rust encode_batch {len(texts) / (t1 - t):,.0f} psg/s; .ids to Python lists {len(texts) / (t2 - t1):,.0f} psg/s")
 PY
 [ -n "${SKIP_FAISS:-}" ] || timeout 80 python3 benchmarks/faiss_search.py --device cuda --out "$out/faiss_search-cuda.json" 2>&1 | tail -25
-for part in ${PARTS:-shard encode biencoder pretrain}; do
+for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
   key=${part//-/_}
   if [ "$part" = shard ]; then
     cap_var="CAP_shard"; cap="${!cap_var:-120}"
@@ -56,6 +56,7 @@ for part in ${PARTS:-shard encode biencoder pretrain}; do
     encode-bare) cap=150; args="--parts encode --encode-pipeline 0";;
     biencoder) cap=140; args="--parts biencoder";;
     pretrain) cap=150; args="--parts pretrain";;
+    rerank) cap=90; args="--parts rerank";;
     *) echo "unknown part $part"; continue;;
   esac
   cap_var="CAP_$key"; modes_var="MODES_$key"; extra_var="EXTRA_$key"

@@ -20,6 +20,9 @@ faiss, no Java.
               B x 144 tokens (64 on GPU). The collator's own CPU cost is reported separately.
 (c) biencoder ``BiEncoder`` training step: Q queries x group G passages (16 x 16 on GPU),
               q 32 / p 144 tokens, contrastive loss with in-batch negatives, AdamW.
+(d) rerank    ``CrossEncoder.score_pairs`` (re-ranking, teacher scoring: tokenise in a helper
+              thread, length-sort, forward, one logit) against a bare forward loop over the same
+              pre-tokenised batches on the device; ELECTRA-base shape, len 192. overhead as in (a).
 
 FLOPs (analytic, stated in the output): for a transformer encoder with L layers, width h, FFN
 width I over sequences of padded length s (T tokens in all),
@@ -76,6 +79,8 @@ SIZES = {
 DEFAULTS = {
     "encode_passages": (65_536, 96, 1024),
     "encode_batch": (512, 32, 128),
+    "rerank_pairs": (16_384, 64, 512),
+    "rerank_batch": (128, 32, 128),
     "pretrain_batch": (64, 4, 16),
     "bi_queries": (16, 2, 8),
     "bi_group": (16, 4, 8),
@@ -810,7 +815,68 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
     return rows
 
 
-PARTS = {"encode": bench_encode, "pretrain": bench_pretrain, "biencoder": bench_biencoder}
+# =============================================================================================
+# (d) re-ranker scoring
+def bench_rerank(args, device, size, work: Path, peak) -> list[dict]:
+    """``CrossEncoder.score_pairs`` (what re-ranking and teacher scoring call) against a bare
+    forward loop over the same batches, tokenised beforehand and already on the device."""
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    from simlm_core.modeling.reranker import CrossEncoder, autocast_context, tokenize_pairs
+
+    n, bs, max_len = args.rerank_pairs, args.rerank_batch, 192
+    tok, words = make_tokenizer(work / "tok")
+    passages = make_passages(words, n, seed=3)
+    queries = make_passages(words, n, seed=4, mean_words=6.0, min_words=2, max_words=12)
+    torch.manual_seed(0)
+    enc_cfg = SIZES[size]["enc"]
+    model = ElectraForSequenceClassification(ElectraConfig(vocab_size=VOCAB, max_position_embeddings=512,
+                                                           embedding_size=enc_cfg["hidden_size"], num_labels=1,
+                                                           **enc_cfg))
+    scorer = CrossEncoder(model, tok)
+    model.to(device).eval()
+    # The same batches score_pairs builds: longest pairs (by characters) first, padded per batch.
+    order = np.argsort([-(len(q) + len(p)) for q, p in zip(queries, passages)], kind="stable")
+    pad_multiple = 8 if device.type == "cuda" else None
+    batches = []
+    for s in range(0, n, bs):
+        idx = order[s : s + bs]
+        enc = tokenize_pairs(tok, [queries[i] for i in idx], [passages[i] for i in idx], max_len=max_len,
+                             pad_to_multiple_of=pad_multiple)
+        batches.append({k: v.to(device) for k, v in enc.items()})
+    widths = [b["input_ids"].shape[1] for b in batches for _ in range(b["input_ids"].shape[0])]
+    flops = encoder_forward_flops(enc_cfg, widths)
+    tokens = float(sum(widths))
+    bf16 = device.type == "cuda"
+
+    def bare() -> None:
+        with torch.inference_mode(), autocast_context(device, bf16):
+            outs = [model(**b).logits.view(-1).float() for b in batches]
+        torch.cat(outs).cpu()
+
+    def via_scorer() -> None:
+        scorer.score_pairs(queries, passages, batch_size=bs, max_len=max_len, device=device, bf16=bf16,
+                           show_progress=False)
+
+    bare()
+    via_scorer()  # warm-up
+    times: dict[str, list[float]] = {"bare": [], "score_pairs": []}
+    for _ in range(args.repeats):  # interleaved, best of each
+        for name, fn in (("bare", bare), ("score_pairs", via_scorer)):
+            with Timer(device) as t:
+                fn()
+            times[name].append(t.best)
+    best_bare, best_scorer = min(times["bare"]), min(times["score_pairs"])
+    shape = f"{n:,} pairs, batch {bs}, max_len {max_len}, mean {tokens / n:.0f} tok (padded)"
+    return [
+        rate_row("rerank", "bare HF cross-encoder loop (ELECTRA-base shape)", shape, n, "pair", tokens, flops,
+                 best_bare, peak, {"times": times}),
+        rate_row("rerank", "simlm_core CrossEncoder.score_pairs", shape, n, "pair", tokens, flops, best_scorer,
+                 peak, {"overhead_vs_bare": best_scorer / best_bare}),
+    ]
+
+
+PARTS = {"encode": bench_encode, "pretrain": bench_pretrain, "biencoder": bench_biencoder, "rerank": bench_rerank}
 
 
 # =============================================================================================
@@ -818,7 +884,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--model-size", default="base", choices=list(SIZES))
-    ap.add_argument("--parts", default="encode,pretrain,biencoder")
+    ap.add_argument("--parts", default="encode,rerank,pretrain,biencoder")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (dense bf16)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=None, help="encode: interleaved repeats, best kept (cuda 2, cpu 3)")
