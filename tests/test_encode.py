@@ -237,3 +237,15 @@ def test_packed_needs_a_bert_encoder(trained_like_dir):
     model.encoder.config.model_type = "roberta"
     with pytest.raises(ValueError, match="packed encoding is not available.*roberta"):
         packed_encoder(model)
+
+
+def test_compiled_packed_shard_matches_eager(trained_like_dir, grouped_corpus, tmp_path):
+    """encode.compile with the packed default: torch.compile of the packed forward (dynamic shapes)."""
+    outs = []
+    for compile_ in (False, True):
+        emb = tmp_path / f"e{compile_}.npy"
+        summary = encode_corpus_shard(trained_like_dir, grouped_corpus, 0, 1, emb, tmp_path / f"i{compile_}.parquet",
+                                      batch_size=6, chunk_rows=13, show_progress=False, compile=compile_)
+        assert summary["packed"] is True and summary["compiled"] is compile_
+        outs.append(np.load(emb).astype(np.float32))
+    np.testing.assert_allclose(outs[1], outs[0], atol=2e-3)
