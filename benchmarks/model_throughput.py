@@ -620,13 +620,12 @@ def _packed_variants(args, device, size, enc_bf16, batches, reference, peak, sha
     got = torch.empty_like(reference)
     rows = []
     for gelu_epilogue in (False, True):
-        model = PackedBertEncoder(enc_bf16, pooling="cls", gelu_epilogue=gelu_epilogue)
         variants = [(m, m) for m in compile_modes(args)]
         if not gelu_epilogue:
             variants.insert(0, ("eager", None))
         for label, mode in variants:
+            model = PackedBertEncoder(enc_bf16, pooling="cls", gelu_epilogue=gelu_epilogue)
             if mode is not None:
-                model = PackedBertEncoder(enc_bf16, pooling="cls", gelu_epilogue=gelu_epilogue)
                 model.compile(dynamic=True, **({} if mode == "default" else {"mode": mode}))
 
             def loop(bl: list = packed_batches) -> None:

@@ -155,8 +155,6 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = M.resolve(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     info = C.machine_info(device.type)
     print(f"machine: {C.machine_line(info)}", flush=True)

@@ -201,6 +201,11 @@ class DeviceTokens:
         tts = None if self.type_ids is None else torch.where(valid, self.type_ids[pos], 0)
         return ids, valid, tts
 
+    def packed(self, rows: torch.Tensor, total_tokens: int, max_len: int) -> PackedBatch:
+        """``rows`` as one :class:`PackedBatch` (no padding); ``total_tokens`` and ``max_len`` from the host."""
+        return PackedBatch.from_flat(self.ids, self.type_ids, self.starts[rows], self.lengths[rows], total_tokens,
+                                     max_len)
+
 
 def _encode_tokenized(
     model: BiEncoder,
@@ -240,12 +245,9 @@ def _encode_tokenized(
                 ids, mask, tts = tokens.batch(rows, rounded(int(lengths[order[s]])), pad_id)
                 emb = model.encode(ids, mask, tts, prepared_mask=model.prepared_attention_mask(mask))
             else:
-                batch = PackedBatch.from_flat(tokens.ids, tokens.type_ids, tokens.starts[rows], tokens.lengths[rows],
-                                              int(lengths[order[s : s + batch_size]].sum()),
-                                              rounded(int(lengths[order[s]])))
-                emb = packed.encode(batch)
-                if model.normalize:
-                    emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+                batch = tokens.packed(rows, int(lengths[order[s : s + batch_size]].sum()),
+                                      rounded(int(lengths[order[s]])))
+                emb = model.normalized(packed.encode(batch))
             out[rows] = emb.to(out_dtype)
             if progress is not None:
                 progress.update(len(rows))

@@ -373,6 +373,7 @@ class RLMTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._meters: dict[str, list[float]] = {}
+        self._cuda_graphs = mode_uses_cuda_graphs(self.args.torch_compile_mode)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -387,7 +388,7 @@ class RLMTrainer(Trainer):
         model.load_weights(resume_from_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and mode_uses_cuda_graphs(self.args.torch_compile_mode):
+        if model.training and self._cuda_graphs:
             # Each micro-batch is a new replay: the previous one's outputs have been consumed by
             # its backward (and the loss meters hold copies), so their buffers may be reused.
             torch.compiler.cudagraph_mark_step_begin()

@@ -78,17 +78,23 @@ def test_shards_cover_corpus_and_match_direct_model(trained_like_dir, grouped_co
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-2)
 
 
+def _encode_shard(model_dir, corpus, out_dir: Path, tag: str, shard_index: int = 0, num_shards: int = 1, **kwargs):
+    """Encode one shard into ``out_dir`` -> (summary, fp16 embeddings, pids), for A/B comparisons."""
+    emb, ids = out_dir / f"e-{tag}.npy", out_dir / f"i-{tag}.parquet"
+    summary = encode_corpus_shard(model_dir, corpus, shard_index, num_shards, emb, ids, show_progress=False, **kwargs)
+    return summary, np.load(emb), read_table(ids, IDS_SCHEMA).pid.tolist()
+
+
 def test_tokenising_in_a_child_process_gives_the_same_shard(trained_like_dir, grouped_corpus, tmp_path):
     """The GPU default (tokeniser in a child process) writes what the thread path writes."""
     outs = {}
     for in_process in (False, True):
-        emb, ids = tmp_path / f"e{in_process}.npy", tmp_path / f"i{in_process}.parquet"
-        summary = encode_corpus_shard(trained_like_dir, grouped_corpus, 1, 2, emb, ids, batch_size=4,
-                                      chunk_rows=6, show_progress=False, tokenize_process=in_process)
+        summary, emb, pids = _encode_shard(trained_like_dir, grouped_corpus, tmp_path, str(in_process), 1, 2,
+                                           batch_size=4, chunk_rows=6, tokenize_process=in_process)
         assert summary["tokenized_in_process"] is in_process
         assert (summary["start"], summary["end"]) == shard_range(pq.ParquetFile(grouped_corpus).metadata.num_rows, 1, 2)
         json.dumps(summary)  # what the driver prints
-        outs[in_process] = (np.load(emb), read_table(ids, IDS_SCHEMA).pid.tolist())
+        outs[in_process] = (emb, pids)
     assert outs[True][1] == outs[False][1]
     np.testing.assert_array_equal(outs[True][0], outs[False][0])
 
@@ -210,11 +216,10 @@ def test_packed_shard_matches_the_padded_shard(trained_like_dir, grouped_corpus,
     """encode_corpus_shard(packed=True) writes the vectors of the padded path, in the same order."""
     outs = {}
     for packed in (False, True):
-        emb, ids = tmp_path / f"e{packed}.npy", tmp_path / f"i{packed}.parquet"
-        summary = encode_corpus_shard(trained_like_dir, grouped_corpus, 0, 1, emb, ids, batch_size=5,
-                                      chunk_rows=11, show_progress=False, packed=packed)
+        summary, emb, pids = _encode_shard(trained_like_dir, grouped_corpus, tmp_path, str(packed),
+                                           batch_size=5, chunk_rows=11, packed=packed)
         assert summary["packed"] is packed
-        outs[packed] = (np.load(emb).astype(np.float32), read_table(ids, IDS_SCHEMA).pid.tolist())
+        outs[packed] = (emb.astype(np.float32), pids)
     assert outs[True][1] == outs[False][1]
     np.testing.assert_allclose(outs[True][0], outs[False][0], atol=2e-3)
 
@@ -243,9 +248,8 @@ def test_compiled_packed_shard_matches_eager(trained_like_dir, grouped_corpus, t
     """encode.compile with the packed default: torch.compile of the packed forward (dynamic shapes)."""
     outs = []
     for compile_ in (False, True):
-        emb = tmp_path / f"e{compile_}.npy"
-        summary = encode_corpus_shard(trained_like_dir, grouped_corpus, 0, 1, emb, tmp_path / f"i{compile_}.parquet",
-                                      batch_size=6, chunk_rows=13, show_progress=False, compile=compile_)
+        summary, emb, _ = _encode_shard(trained_like_dir, grouped_corpus, tmp_path, str(compile_),
+                                        batch_size=6, chunk_rows=13, compile=compile_)
         assert summary["packed"] is True and summary["compiled"] is compile_
-        outs.append(np.load(emb).astype(np.float32))
+        outs.append(emb.astype(np.float32))
     np.testing.assert_allclose(outs[1], outs[0], atol=2e-3)

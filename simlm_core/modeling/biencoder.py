@@ -312,10 +312,11 @@ class BiEncoder(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         out = self.encoder(**kwargs, return_dict=True)
-        emb = pool(out.last_hidden_state, attention_mask, self.pooling)
-        if self.normalize:
-            emb = F.normalize(emb.float(), dim=-1)
-        return emb
+        return self.normalized(pool(out.last_hidden_state, attention_mask, self.pooling))
+
+    def normalized(self, emb: torch.Tensor) -> torch.Tensor:
+        """Pooled vectors as this retriever scores them: L2-normalised (in fp32) if configured."""
+        return F.normalize(emb.float(), dim=-1) if self.normalize else emb
 
     def prepared_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """The ``[N, 1, 1, L]`` boolean mask SDPA broadcasts, for a BERT encoder on SDPA; else None.
