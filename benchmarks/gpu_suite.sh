@@ -6,6 +6,9 @@
 #   PARTS          parts in order (default "shard encode biencoder pretrain rerank"); also "encode-bare":
 #                  the encoder's bare loops only (bf16 weights, compiled), without the pipeline
 #                  paths. "shard" is shard_profile.py: encode_corpus_shard timed and profiled.
+#                  "attention" is attention_kernels.py; its best Triton blocks go to later parts.
+#   PACKED_ATTENTION  the packed encoder's attention kernels to time (default "auto"; e.g. "varlen,triton")
+#   TRITON_BLOCKS  the Triton attention kernel's blocks (default: the "attention" part's best)
 #   COMPILE_MODES  torch.compile modes of the compiled variants (default "default"); per part:
 #                  MODES_encode, MODES_encode_bare, MODES_biencoder, MODES_pretrain
 #   PROFILE        N > 0: print the top N kernels of each compiled variant
@@ -43,6 +46,17 @@ PY
 [ -n "${SKIP_FAISS:-}" ] || timeout 80 python3 benchmarks/faiss_search.py --device cuda --out "$out/faiss_search-cuda.json" 2>&1 | tail -25
 for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
   key=${part//-/_}
+  if [ "$part" = attention ]; then  # attention kernels alone; its best Triton blocks feed the encode parts
+    cap="${CAP_attention:-150}"
+    echo "== attention (cap ${cap}s)"
+    timeout "$cap" python3 benchmarks/attention_kernels.py --device cuda --out "$out/attention_kernels-cuda.json" \
+      > "$out/attention_kernels-cuda.log" 2>&1
+    echo "   exit $?"
+    grep "^   \|^best" "$out/attention_kernels-cuda.log" | head -60
+    best=$(sed -n 's/^best triton blocks: \([0-9,]*\).*/\1/p' "$out/attention_kernels-cuda.log")
+    [ -n "$best" ] && TRITON_BLOCKS="${TRITON_BLOCKS:-$best}"
+    continue
+  fi
   if [ "$part" = shard ]; then
     cap_var="CAP_shard"; cap="${!cap_var:-120}"
     echo "== shard (cap ${cap}s)"
@@ -64,7 +78,8 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
   echo "== $part (cap ${cap}s, compile modes $modes)"
   # shellcheck disable=SC2086  # $args and EXTRA_* are word lists
   timeout "$cap" python3 benchmarks/model_throughput.py --device cuda $args --compile-modes "$modes" \
-    --profile "${PROFILE:-0}" ${!extra_var:-} --out "$out/model_throughput-cuda-$part.json" \
+    --profile "${PROFILE:-0}" --packed-attention "${PACKED_ATTENTION:-auto}" \
+    ${TRITON_BLOCKS:+--triton-blocks "$TRITON_BLOCKS"} ${!extra_var:-} --out "$out/model_throughput-cuda-$part.json" \
     > "$out/model_throughput-cuda-$part.log" 2>&1
   echo "   exit $?"
   grep -v "^|--\|Loading weights\|Writing model" "$out/model_throughput-cuda-$part.log" | grep "^   \|^| \|FAILED\|Error" | grep -v "^   profile\|^  *[-=]\{5\}" | head -40

@@ -59,6 +59,7 @@ import _common as C  # noqa: E402  (also puts the repo root on sys.path)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
+from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS  # noqa: E402
 
 VOCAB = 30_522
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched against torch's device name.
@@ -342,6 +343,34 @@ def profile_top(device: torch.device, label: str, fn: Callable[[], None], top: i
         sync(device)
     print(f"   profile, {label} (3 calls; top {top} by device time):")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+    print(kernel_classes(prof, calls=3))
+
+
+KERNEL_CLASSES = [  # (class, name fragments), first match wins
+    ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "triton_mm", "cublas", "splitk", "tst_")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("embedding", ("embedding", "index_put", "indexing_backward", "radix", "sort")),
+    ("fused elementwise/norm (triton)", ("triton_",)),
+]
+
+
+def kernel_classes(prof: Any, calls: int) -> str:
+    """Device time per call by kernel class (GEMMs, attention, optimizer, ...): where a step's time goes."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, float] = {}
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        name = e.key.lower()
+        cls = next((c for c, frags in KERNEL_CLASSES if any(f in name for f in frags)), "other")
+        totals[cls] = totals.get(cls, 0.0) + us
+    whole = sum(totals.values()) or 1.0
+    parts = [f"{c} {t / calls / 1e3:.2f} ms ({100 * t / whole:.0f}%)" for c, t in
+             sorted(totals.items(), key=lambda kv: -kv[1])]
+    return f"   device time per call by kernel class (total {whole / calls / 1e3:.2f} ms): " + "; ".join(parts)
 
 
 def autocast(device: torch.device):
@@ -619,12 +648,15 @@ def _packed_variants(args, device, size, enc_bf16, batches, reference, peak, sha
     flops = packed_forward_flops(SIZES[size]["enc"], lengths)
     got = torch.empty_like(reference)
     rows = []
-    for gelu_epilogue in (False, True):
+    blocks = tuple(int(x) for x in args.triton_blocks.split(","))
+    kernels = [k.strip() for k in args.packed_attention.split(",") if k.strip()]
+    for attention, gelu_epilogue in [(a, g) for a in kernels for g in (False, True)]:
         variants = [(m, m) for m in compile_modes(args)]
         if not gelu_epilogue:
             variants.insert(0, ("eager", None))
         for label, mode in variants:
-            model = PackedBertEncoder(enc_bf16, pooling="cls", gelu_epilogue=gelu_epilogue)
+            model = PackedBertEncoder(enc_bf16, pooling="cls", gelu_epilogue=gelu_epilogue, attention=attention,
+                                      attention_blocks=blocks)
             if mode is not None:
                 model.compile(dynamic=True, **({} if mode == "default" else {"mode": mode}))
 
@@ -642,10 +674,11 @@ def _packed_variants(args, device, size, enc_bf16, batches, reference, peak, sha
             compile_s = time.perf_counter() - t0 if mode is not None else 0.0
             sec = best_of(loop)
             cos = torch.nn.functional.cosine_similarity(got.float(), reference.float(), dim=-1)
+            kernel = model.attention_kernel(reference.to(torch.bfloat16))
             what = (f"packed (no padding, [CLS]-only last layer), {'compiled ' + label if mode else 'eager'}"
-                    f"{', GELU in GEMM epilogue (tanh)' if gelu_epilogue else ''}")
-            print(f"   {what}: {n / sec:,.0f} psg/s, compile {compile_s:.0f} s, attention "
-                  f"{'varlen' if model.uses_varlen(reference.to(torch.bfloat16)) else 'padded'}, "
+                    f"{', GELU in GEMM epilogue (tanh)' if gelu_epilogue else ''}"
+                    f"{f', {kernel} attention' + (f' {blocks}' if kernel == 'triton' else '') if attention != 'auto' else ''}")
+            print(f"   {what}: {n / sec:,.0f} psg/s, compile {compile_s:.0f} s, attention {kernel}, "
                   f"cosine vs bare loop min {float(cos.min()):.5f} mean {float(cos.mean()):.6f}", flush=True)
             rows.append(rate_row("encode", what, shape, n, "psg", float(sum(lengths)), flops, sec, peak,
                                  {"compile_seconds": compile_s, "cosine_min": float(cos.min()),
@@ -900,6 +933,11 @@ def main() -> None:
                          "choice), cudnn, efficient, flash (no padding mask), math")
     ap.add_argument("--packed", type=int, default=1,
                     help="encode variants: also the padding-free encoder (simlm_core.modeling.packed) (0: off)")
+    ap.add_argument("--packed-attention", default="auto",
+                    help="comma list of the packed encoder's attention kernels: auto (varlen on CUDA), varlen, "
+                         "triton (simlm_core.modeling.packed_attention), padded")
+    ap.add_argument("--triton-blocks", default=",".join(map(str, DEFAULT_BLOCKS)),
+                    help="the Triton attention kernel's BLOCK_M,BLOCK_N,heads per program,warps")
     ap.add_argument("--profile", type=int, default=0,
                     help="cuda: print this many top kernels (by device time) of each compiled variant (0: off)")
     ap.add_argument("--cpu-bf16-probe", type=int, default=1, help="cpu: also time the bare loop under bf16 autocast (0: off)")

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS, packed_attention
+
 __all__ = ["PackedBatch", "PackedBertEncoder", "packed_support", "varlen_available"]
 
 
@@ -115,20 +117,23 @@ class PackedBertEncoder(nn.Module):
     """A ``BertModel``'s forward on packed tokens, returning pooled ``[N, H]`` vectors (see the module doc).
 
     ``attention``: ``"varlen"`` (flash attention over ``cu_seqlens``; CUDA, fp16/bf16),
+    ``"triton"`` (one Triton program per text, :mod:`simlm_core.modeling.packed_attention`; CUDA),
     ``"padded"`` (SDPA on padded q/k/v with a key mask; any device) or ``"auto"`` (varlen where it
-    can run: CUDA, with q/k/v in fp16/bf16, i.e. half weights or under autocast).
+    can run: CUDA, with q/k/v in fp16/bf16, i.e. half weights or under autocast; else padded).
+    ``attention_blocks``: the Triton kernel's ``(BLOCK_M, BLOCK_N, heads per program, warps)``.
     """
 
     def __init__(self, bert: nn.Module, pooling: str = "cls", attention: str = "auto",
-                 gelu_epilogue: bool = False) -> None:
+                 gelu_epilogue: bool = False,
+                 attention_blocks: tuple[int, int, int, int] | None = None) -> None:
         super().__init__()
         reason = packed_support(bert)
         if reason is not None:
             raise ValueError(f"cannot pack this encoder: {reason}")
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-        if attention not in ("auto", "varlen", "padded"):
-            raise ValueError(f"attention must be 'auto', 'varlen' or 'padded', got {attention!r}")
+        if attention not in ("auto", "varlen", "triton", "padded"):
+            raise ValueError(f"attention must be 'auto', 'varlen', 'triton' or 'padded', got {attention!r}")
         cfg = bert.config
         self.pooling = pooling
         self.heads = cfg.num_attention_heads
@@ -151,6 +156,7 @@ class PackedBertEncoder(nn.Module):
             self.qkv_bias.append(nn.Parameter(torch.cat([s.query.bias, s.key.bias, s.value.bias]).detach(),
                                               requires_grad=False))
         self.attention = attention
+        self.attention_blocks = tuple(attention_blocks) if attention_blocks else DEFAULT_BLOCKS
         self.eval()
 
     # -- pieces ----------------------------------------------------------------------------
@@ -159,12 +165,12 @@ class PackedBertEncoder(nn.Module):
                 queries_are_first_tokens: bool) -> torch.Tensor:
         """``q`` ``[Tq, heads, d]`` (every token, or only each text's first) against ``k``/``v`` ``[T, heads, d]``."""
         n = cu_seqlens.numel() - 1
-        if self.uses_varlen(q):
-            varlen_attn = _varlen_attn()
-            if queries_are_first_tokens:
-                cu_q = torch.arange(n + 1, dtype=torch.int32, device=q.device)
-                return varlen_attn(q, k, v, cu_q, cu_seqlens, 1, max_len)
-            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+        kernel = self.attention_kernel(q)
+        if kernel != "padded":
+            cu_q = torch.arange(n + 1, dtype=torch.int32, device=q.device) if queries_are_first_tokens else cu_seqlens
+            if kernel == "triton":
+                return packed_attention(q, k, v, cu_q, cu_seqlens, self.attention_blocks)
+            return _varlen_attn()(q, k, v, cu_q, cu_seqlens, 1 if queries_are_first_tokens else max_len, max_len)
         # Padded fallback: scatter into [N, L, heads, d], SDPA with a key-padding mask, gather back.
         slot = seq_index * max_len + positions
 
@@ -183,10 +189,12 @@ class PackedBertEncoder(nn.Module):
         out = F.scaled_dot_product_attention(padded(q), kp, vp, attn_mask=key_mask)
         return out.transpose(1, 2).reshape(n * max_len, *q.shape[1:])[slot]
 
-    def uses_varlen(self, q: torch.Tensor) -> bool:
+    def attention_kernel(self, q: torch.Tensor) -> str:
+        """The attention this encoder runs on queries like ``q``: "varlen", "triton" or "padded"."""
         if self.attention == "auto":
-            return varlen_available(q.device) and q.dtype in (torch.float16, torch.bfloat16)
-        return self.attention == "varlen"
+            half = q.dtype in (torch.float16, torch.bfloat16)
+            return "varlen" if varlen_available(q.device) and half else "padded"
+        return self.attention
 
     def _feed_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         inter = layer.intermediate.dense
