@@ -139,7 +139,7 @@ rule encode_shard:
         model=checkpoint_dir("{system}"),
         corpus=corpus_path(),
         code=core("encode.py", "collators.py", "tokenized.py", "modeling/biencoder.py", "modeling/packed.py",
-                  "drivers/encode_corpus.py"),
+                  "modeling/packed_attention.py", "drivers/encode_corpus.py"),
     output:
         embeddings=embedding_shard_path("{system}", "{shard}", ".npy"),
         ids=embedding_shard_path("{system}", "{shard}", ".ids.parquet"),
@@ -156,7 +156,7 @@ rule encode_shard:
                 "max_len": config["encode"]["p_max_len"],
                 "compile": config["encode"]["compile"],
                 "packed": None if config["encode"]["packed"] == "auto" else config["encode"]["packed"],
-                "gelu_epilogue": config["encode"]["gelu_epilogue"],
+                "gelu_epilogue": None if config["encode"]["gelu_epilogue"] == "auto" else config["encode"]["gelu_epilogue"],
             }
         ),
     threads: config["resources"]["cpu_threads"]

@@ -112,7 +112,7 @@ def test_gpu_speed_switches_reach_the_drivers(tmp_path):
     text = (proc.stdout + proc.stderr).replace('\\"', '"')
     encode_jobs = [j for j in text.split("rule encode_shard:")[1:]]
     assert encode_jobs and all('"compile": true' in j[:6000] for j in encode_jobs)
-    assert all('"packed": null' in j[:6000] and '"gelu_epilogue": false' in j[:6000] for j in encode_jobs)  # auto
+    assert all('"packed": null' in j[:6000] and '"gelu_epilogue": null' in j[:6000] for j in encode_jobs)  # auto
     train_jobs = [j[:6000] for j in text.split("rule train_dense:")[1:] if "system=retriever1" in j.split("\n\n", 1)[0]]
     assert train_jobs and all('"torch_compile": true' in j for j in train_jobs)
 
@@ -122,6 +122,10 @@ def test_packed_encoding_switch_reaches_the_driver(tmp_path):
     text = (proc.stdout + proc.stderr).replace('\\"', '"')
     encode_jobs = text.split("rule encode_shard:")[1:]
     assert encode_jobs and all('"packed": false' in j[:6000] for j in encode_jobs)
+    proc = snakemake(tmp_path, "-n", "-p", "--config", "encode={gelu_epilogue: true}")
+    text = (proc.stdout + proc.stderr).replace('\\"', '"')
+    encode_jobs = text.split("rule encode_shard:")[1:]
+    assert encode_jobs and all('"gelu_epilogue": true' in j[:6000] for j in encode_jobs)
     bad = snakemake(tmp_path, "-n", "--config", "encode={packed: sometimes}", check=False)
     assert bad.returncode != 0 and "config key 'encode.packed'" in bad.stdout + bad.stderr
 

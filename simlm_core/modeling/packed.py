@@ -5,9 +5,10 @@ same weights (shared, not copied, except the fused query/key/value matrix) and t
 arithmetic as transformers' ``BertModel``, but:
 
 - **no padding**: every linear layer, LayerNorm and activation runs on the batch's real tokens
-  only; attention is variable-length flash attention over ``cu_seqlens`` (``varlen_attn``,
-  torch >= 2.10 on CUDA) or, elsewhere, SDPA on a padded copy of q/k/v (the same result, for
-  CPU and tests);
+  only; attention, on CUDA, is our Triton kernel for short packed texts
+  (:mod:`simlm_core.modeling.packed_attention`, 1.9x flash attention's rate on passages) or
+  variable-length flash attention (``varlen_attn``, torch >= 2.10), and elsewhere SDPA on a
+  padded copy of q/k/v (the same result, for CPU and tests);
 - **one fused query/key/value projection** (one GEMM of width ``3H`` instead of three of ``H``);
 - **[CLS] pooling reads one row per passage**, so the last layer runs its attention queries, its
   output projection and its feed-forward block on the [CLS] rows only: those are all the pooled
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS, packed_attention
+from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS, packed_attention, triton_attention_available
 
 __all__ = ["PackedBatch", "PackedBertEncoder", "packed_support", "varlen_available"]
 
@@ -118,8 +119,8 @@ class PackedBertEncoder(nn.Module):
 
     ``attention``: ``"varlen"`` (flash attention over ``cu_seqlens``; CUDA, fp16/bf16),
     ``"triton"`` (one Triton program per text, :mod:`simlm_core.modeling.packed_attention`; CUDA),
-    ``"padded"`` (SDPA on padded q/k/v with a key mask; any device) or ``"auto"`` (varlen where it
-    can run: CUDA, with q/k/v in fp16/bf16, i.e. half weights or under autocast; else padded).
+    ``"padded"`` (SDPA on padded q/k/v with a key mask; any device) or ``"auto"`` (for q/k/v in
+    fp16/bf16, i.e. half weights or autocast, on CUDA: Triton if importable, else varlen; else padded).
     ``attention_blocks``: the Triton kernel's ``(BLOCK_M, BLOCK_N, heads per program, warps)``.
     """
 
@@ -190,11 +191,14 @@ class PackedBertEncoder(nn.Module):
         return out.transpose(1, 2).reshape(n * max_len, *q.shape[1:])[slot]
 
     def attention_kernel(self, q: torch.Tensor) -> str:
-        """The attention this encoder runs on queries like ``q``: "varlen", "triton" or "padded"."""
-        if self.attention == "auto":
-            half = q.dtype in (torch.float16, torch.bfloat16)
-            return "varlen" if varlen_available(q.device) and half else "padded"
-        return self.attention
+        """The attention this encoder runs on queries like ``q``: "triton", "varlen" or "padded"."""
+        if self.attention != "auto":
+            return self.attention
+        if q.dtype not in (torch.float16, torch.bfloat16):  # fp32: SDPA, not tensor-core TF32 kernels
+            return "padded"
+        if triton_attention_available(q.device):
+            return "triton"
+        return "varlen" if varlen_available(q.device) else "padded"
 
     def _feed_forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         inter = layer.intermediate.dense

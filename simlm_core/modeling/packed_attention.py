@@ -2,7 +2,8 @@
 
 Why a kernel of our own: corpus passages are short (MS MARCO: ~70 tokens), and variable-length
 flash attention spends most of its time there starting tiles that hold little work: on an H200
-it ran at ~44 TFLOP/s and took 20% of packed encoding for 1.5% of its FLOPs. Here each program
+it ran at ~50 TFLOP/s and took 17% of packed encoding's time for 1.5% of its FLOPs; this kernel
+runs the same attention at 96 TFLOP/s (1.9x). Here each program
 takes one text and loops over a group of heads, its query rows in chunks of ``BLOCK_M`` and its
 keys in blocks of ``BLOCK_N`` (online softmax, as in flash attention), so small tiles keep many
 programs resident per SM and nothing runs past a text's end.
@@ -24,8 +25,10 @@ import torch
 
 __all__ = ["packed_attention", "triton_attention_available", "DEFAULT_BLOCKS"]
 
-# (BLOCK_M, BLOCK_N, heads per program, num_warps): benchmarks/attention_kernels.py picks these.
-DEFAULT_BLOCKS: tuple[int, int, int, int] = (64, 64, 1, 4)
+# (BLOCK_M, BLOCK_N, heads per program, num_warps). On an H200, one layer over 65,536 MS MARCO-like
+# passages (sorted, batches of 1,024): 11.1 ms, against 12.8 for (64, 64, 1, 4), 21.7 for
+# (32, 32, 1, 4) and 21.2 for varlen flash attention (benchmarks/attention_kernels.py).
+DEFAULT_BLOCKS: tuple[int, int, int, int] = (64, 32, 1, 4)
 
 
 def _triton() -> Any:
