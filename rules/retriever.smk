@@ -4,6 +4,8 @@
 
 BIENCODER_CODE = core(
     "modeling/biencoder.py",
+    "modeling/packed.py",  # packed_training
+    "modeling/packed_attention.py",
     "losses.py",
     "collators.py",
     "biencoder_training.py",

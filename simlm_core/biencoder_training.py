@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 
 from simlm_core.collators import BiencoderCollator, BiencoderDataset
 from simlm_core.modeling.biencoder import BiEncoder
-from simlm_core.training import TrainConfig, to_training_arguments, train_and_save, train_config_fields
+from simlm_core.training import TrainConfig, to_training_arguments, train_and_save, train_config_fields, uses_cuda_graphs
 
 __all__ = ["BiencoderTrainArgs", "BiencoderTrainer", "SetEpochCallback", "train_biencoder", "build_trainer"]
 
@@ -59,6 +59,9 @@ class BiencoderTrainArgs(TrainConfig):
     """Add the authors' extra q-q, positive-q and positive-positive negatives (their default)."""
     gather_across_ranks: bool = True
     """Under DDP, use every rank's passages as in-batch negatives (global batch)."""
+    packed_training: bool = False
+    """Run the encoder padding-free (each batch's tokens in one row; BERT encoders only): the same
+    model and loss, without the padding's compute (simlm_core.modeling.packed). Not with CUDA graphs."""
 
     @property
     def group_size(self) -> int:
@@ -123,6 +126,11 @@ def build_trainer(args: BiencoderTrainArgs) -> tuple[BiencoderTrainer, BiEncoder
     """Model, data and Trainer for ``args`` (no training yet)."""
     set_seed(args.seed)
     cfg = args.train_config()
+    if args.packed_training and uses_cuda_graphs(cfg):
+        raise ValueError(
+            f"packed_training gives every batch its own token count, so torch_compile_mode="
+            f"{cfg.torch_compile_mode!r} (CUDA graphs, one per shape) would record a graph per step: "
+            "use torch_compile_mode 'default' or switch packed_training off")
     distill = args.teacher_scores_path is not None
     model = BiEncoder.from_pretrained(
         args.model_name_or_path,
@@ -136,6 +144,7 @@ def build_trainer(args: BiencoderTrainArgs) -> tuple[BiencoderTrainer, BiEncoder
         contrastive_weight=args.contrastive_weight,
         teacher_temperature=args.teacher_temperature,
         gather_across_ranks=args.gather_across_ranks,
+        packed_training=args.packed_training,
     )
     if model.tokenizer is None:
         raise ValueError(f"{args.model_name_or_path}: no tokenizer found beside the model")

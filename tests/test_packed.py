@@ -85,3 +85,121 @@ def test_unsupported_models_are_refused(tiny):
         PackedBatch.from_padded(torch.ones(1, 3, dtype=torch.long), torch.tensor([[0, 1, 1]]))
     with pytest.raises(ValueError, match="pooling"):
         PackedBertEncoder(bert, pooling="max")
+
+
+# -- training (trainable=True; BiEncoder(packed_training=True)) ---------------------------------
+def _train_bert(dropout: float) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout, attn_implementation="sdpa")
+    return BertModel(cfg, add_pooling_layer=False).train()
+
+
+def _padded(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(5, 120, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_trainable_packed_gives_transformers_outputs_and_gradients(pooling):
+    bert = _train_bert(0.0)
+    ids, mask = _padded([5, 17, 9, 2])
+    weights = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
+    ref = pool(bert(input_ids=ids, attention_mask=mask).last_hidden_state, mask, pooling)
+    (ref * weights).sum().backward()
+    expected = _grads(bert)
+    bert.zero_grad(set_to_none=True)
+    packed = PackedBertEncoder(bert, pooling=pooling, trainable=True)
+    assert bert.training and not list(packed.qkv_weight), "a trainable encoder keeps train mode and copies nothing"
+    got = packed.encode(PackedBatch.from_padded(ids, mask))
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    for name, grad in _grads(bert).items():
+        torch.testing.assert_close(grad, expected[name], atol=2e-5, rtol=1e-4, msg=name)
+    assert expected["encoder.layer.0.attention.self.query.weight"].abs().sum() > 0  # the test checks something
+
+
+def test_trainable_packed_applies_the_berts_dropout_and_checkpointing(monkeypatch):
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    bert = _train_bert(0.1)
+    ids, mask = _padded([5, 17, 9, 2])
+    batch = PackedBatch.from_padded(ids, mask)
+    packed = PackedBertEncoder(bert, trainable=True)
+    first, second = packed.encode(batch), packed.encode(batch)
+    assert not torch.allclose(first, second), "dropout is on in training mode"
+    bert.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(packed.encode(batch), bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0],
+                                   atol=2e-5, rtol=1e-4)
+    bert.train()
+    runs = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert all(layer.gradient_checkpointing for layer in bert.encoder.layer)
+        bert.zero_grad(set_to_none=True)
+        torch.manual_seed(5)  # checkpointing replays the layer with the same dropout masks
+        out = packed.encode(batch)
+        out.pow(2).sum().backward()
+        runs.append((out.detach(), _grads(bert)))
+    assert len(calls) == len(bert.encoder.layer), "each layer ran under torch.utils.checkpoint"
+    torch.testing.assert_close(runs[1][0], runs[0][0])
+    for name, grad in runs[1][1].items():
+        torch.testing.assert_close(grad, runs[0][1][name], msg=name)
+
+
+def test_biencoder_packed_training_same_loss_and_gradients():
+    from simlm_core.modeling.biencoder import BiEncoder
+
+    models = [BiEncoder(_train_bert(0.0), packed_training=flag) for flag in (False, True)]
+    q_ids, q_mask = _padded([4, 7], seed=3)
+    p_ids, p_mask = _padded([9, 3, 17, 5, 12, 2], seed=4)
+    results = []
+    for model in models:
+        model.train()
+        out = model(query={"input_ids": q_ids, "attention_mask": q_mask},
+                    passage={"input_ids": p_ids, "attention_mask": p_mask})
+        out.loss.backward()
+        results.append((out.loss.detach(), _grads(model)))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(grad, results[0][1][name], atol=2e-5, rtol=1e-4, msg=name)
+    assert "_packed_encoder" not in dict(models[1].named_modules()) and \
+        len(list(models[1].parameters())) == len(list(models[0].parameters())), "no weight is listed twice"
+    models[1].eval()  # evaluation and encoding keep the ordinary path
+    with torch.no_grad():
+        torch.testing.assert_close(models[1].encode(p_ids, p_mask), models[0].eval().encode(p_ids, p_mask))
+
+
+def test_packed_training_refuses_other_encoders_and_cuda_graphs(tiny_dataset, tiny_bert_dir, tmp_path, monkeypatch):
+    from transformers import ElectraConfig, ElectraModel
+
+    from simlm_core import biencoder_training
+    from simlm_core.biencoder_training import BiencoderTrainArgs, build_trainer
+    from simlm_core.modeling.biencoder import BiEncoder
+
+    electra = ElectraModel(ElectraConfig(vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match="packed training is not available.*model type 'electra'"):
+        BiEncoder(electra, packed_training=True)
+    monkeypatch.setattr(biencoder_training, "uses_cuda_graphs", lambda cfg: True)  # as on a GPU
+    args = BiencoderTrainArgs(output_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
+                              model_name_or_path=str(tiny_bert_dir), corpus_path=str(tiny_dataset.corpus_path),
+                              queries_path=str(tiny_dataset.queries_path),
+                              negatives_path=str(tiny_dataset.negatives_path), packed_training=True,
+                              torch_compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="packed_training gives every batch its own token count"):
+        build_trainer(args)

@@ -136,3 +136,15 @@ def test_driver_rejects_unknown_keys():
 
     with pytest.raises(ValueError, match="bogus"):
         main(["--args-json", json.dumps({"bogus": 1})])
+
+
+def test_packed_training_learns_and_saves_the_same_model_format(tiny_dataset, tiny_bert_dir, tmp_path):
+    result = train_biencoder(BiencoderTrainArgs(**_args(tiny_dataset, tiny_bert_dir, tmp_path, packed_training=True)))
+    out = tmp_path / "out"
+    assert result["global_step"] == 50
+    losses = _losses(out)
+    assert losses[-1] < 0.85 * losses[0], losses
+    saved = BiEncoder.from_pretrained(out).encoder.state_dict()
+    initial = AutoModel.from_pretrained(tiny_bert_dir).state_dict()
+    assert saved.keys() == initial.keys()  # a plain HF encoder, nothing of the packed path
+    assert any(not torch.equal(saved[k], initial[k]) for k in saved)

@@ -130,6 +130,13 @@ def test_packed_encoding_switch_reaches_the_driver(tmp_path):
     assert bad.returncode != 0 and "config key 'encode.packed'" in bad.stdout + bad.stderr
 
 
+def test_packed_training_switch_reaches_the_driver(tmp_path):
+    proc = snakemake(tmp_path, "-n", "-p", "--config", "retriever={train: {packed_training: true}}")
+    text = (proc.stdout + proc.stderr).replace('\\"', '"')
+    jobs = [j[:6000] for j in text.split("rule train_dense:")[1:] if "system=retriever1" in j.split("\n\n", 1)[0]]
+    assert jobs and all('"packed_training": true' in j for j in jobs)
+
+
 def test_training_arguments_carry_torch_compile(tmp_path):
     from simlm_core.training import TrainConfig, to_training_arguments
 

@@ -258,6 +258,7 @@ class BiEncoder(nn.Module):
         teacher_temperature: float = 1.0,
         gather_across_ranks: bool = True,
         tokenizer: Any = None,
+        packed_training: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -269,6 +270,17 @@ class BiEncoder(nn.Module):
         self.teacher_temperature = teacher_temperature
         self.gather_across_ranks = gather_across_ranks
         self.tokenizer = tokenizer
+        self.packed_training = bool(packed_training)
+        if self.packed_training:
+            from simlm_core.modeling.packed import PackedBertEncoder, packed_support
+
+            reason = packed_support(encoder)
+            if reason is not None:
+                raise ValueError(f"packed training is not available for this encoder: {reason}")
+            # Kept out of the module tree: it shares every weight with ``encoder`` (no state of
+            # its own to save or move), and registering it would list each weight twice.
+            object.__setattr__(self, "_packed_encoder",
+                               PackedBertEncoder(encoder, pooling=pooling, trainable=True))
         # BERT-style encoders carry a pooler (dense + tanh over [CLS]) that our pooling never
         # uses. Freeze it: DDP (find_unused_parameters=False) requires every trainable parameter
         # to receive a gradient, and the saved model keeps its original pooler weights.
@@ -331,7 +343,18 @@ class BiEncoder(nn.Module):
         return attention_mask.bool()[:, None, None, :]
 
     def _encode_batch(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.packed_training and self.training:
+            return self.encode_packed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         return self.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+
+    def encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`encode` of a right-padded batch without computing its padding (training's path
+        with ``packed_training``; same result as :meth:`encode` up to float rounding and dropout)."""
+        from simlm_core.modeling.packed import PackedBatch
+
+        batch = PackedBatch.from_padded(input_ids, attention_mask, token_type_ids)
+        return self.normalized(self._packed_encoder.encode(batch))
 
     def forward(
         self,

@@ -17,7 +17,12 @@ arithmetic as transformers' ``BertModel``, but:
   (``torch._addmm_activation``, cuBLASLt on CUDA). That is the tanh approximation of GELU,
   not BERT's erf form: off by default; the benchmark reports how far it moves the vectors.
 
-Only what encoding needs is supported: a ``bert`` encoder with absolute positions, in eval mode.
+Training (``trainable=True``, for padding-free biencoder training): the fused projection is
+built from the live query/key/value weights on every call, so gradients reach them; the BERT's
+own dropout modules apply (embeddings, attention output, feed-forward output, attention
+probabilities) whenever the BERT is in training mode; attention is SDPA on padded q/k/v (the
+kernels that take dropout and run backward), and [CLS] pooling still skips the last layer's
+other rows, which no loss reads. Supported: a ``bert`` encoder with absolute positions;
 :func:`packed_support` says why a model is not.
 """
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS, packed_attention, triton_attention_available
@@ -122,11 +128,13 @@ class PackedBertEncoder(nn.Module):
     ``"padded"`` (SDPA on padded q/k/v with a key mask; any device) or ``"auto"`` (for q/k/v in
     fp16/bf16, i.e. half weights or autocast, on CUDA: Triton if importable, else varlen; else padded).
     ``attention_blocks``: the Triton kernel's ``(BLOCK_M, BLOCK_N, heads per program, warps)``.
+    ``trainable``: for training (see the module doc); otherwise the encoder is put in eval mode
+    and the fused projection is a frozen copy (inference only).
     """
 
     def __init__(self, bert: nn.Module, pooling: str = "cls", attention: str = "auto",
                  gelu_epilogue: bool = False,
-                 attention_blocks: tuple[int, int, int, int] | None = None) -> None:
+                 attention_blocks: tuple[int, int, int, int] | None = None, trainable: bool = False) -> None:
         super().__init__()
         reason = packed_support(bert)
         if reason is not None:
@@ -140,6 +148,8 @@ class PackedBertEncoder(nn.Module):
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.gelu_epilogue = bool(gelu_epilogue)
+        if self.gelu_epilogue and trainable:
+            raise ValueError("gelu_epilogue is for inference only (its GELU is the tanh form)")
         if self.gelu_epilogue and cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"gelu_epilogue needs a GELU encoder, this one uses {cfg.hidden_act!r}")
         from transformers.activations import ACT2FN
@@ -147,10 +157,12 @@ class PackedBertEncoder(nn.Module):
         self.act = ACT2FN[cfg.hidden_act]
         self.embeddings = bert.embeddings
         self.layers = bert.encoder.layer
-        # One [3H, H] projection per layer; the only weights copied (encoding is inference-only).
+        # One [3H, H] projection per layer: for inference a frozen copy (the only weights copied);
+        # for training built from the live weights per call (see _qkv).
+        self.trainable = bool(trainable)
         self.qkv_weight = nn.ParameterList()
         self.qkv_bias = nn.ParameterList()
-        for layer in self.layers:
+        for layer in ([] if self.trainable else self.layers):
             s = layer.attention.self
             self.qkv_weight.append(nn.Parameter(torch.cat([s.query.weight, s.key.weight, s.value.weight]).detach(),
                                                 requires_grad=False))
@@ -158,15 +170,23 @@ class PackedBertEncoder(nn.Module):
                                               requires_grad=False))
         self.attention = attention
         self.attention_blocks = tuple(attention_blocks) if attention_blocks else DEFAULT_BLOCKS
-        self.eval()
+        if not self.trainable:
+            self.eval()
 
     # -- pieces ----------------------------------------------------------------------------
+    def _qkv(self, i: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.trainable:
+            return F.linear(x, self.qkv_weight[i], self.qkv_bias[i])
+        s = layer.attention.self
+        return F.linear(x, torch.cat([s.query.weight, s.key.weight, s.value.weight]),
+                        torch.cat([s.query.bias, s.key.bias, s.value.bias]))
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 seq_index: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                queries_are_first_tokens: bool) -> torch.Tensor:
+                queries_are_first_tokens: bool, dropout_p: float = 0.0) -> torch.Tensor:
         """``q`` ``[Tq, heads, d]`` (every token, or only each text's first) against ``k``/``v`` ``[T, heads, d]``."""
         n = cu_seqlens.numel() - 1
-        kernel = self.attention_kernel(q)
+        kernel = "padded" if self.trainable or dropout_p else self.attention_kernel(q)
         if kernel != "padded":
             cu_q = torch.arange(n + 1, dtype=torch.int32, device=q.device) if queries_are_first_tokens else cu_seqlens
             if kernel == "triton":
@@ -186,8 +206,8 @@ class PackedBertEncoder(nn.Module):
         kp, vp = padded(k), padded(v)
         if queries_are_first_tokens:
             qp = q[:, :, None, :]  # [N, heads, 1, d]
-            return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask)[:, :, 0]
-        out = F.scaled_dot_product_attention(padded(q), kp, vp, attn_mask=key_mask)
+            return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask, dropout_p=dropout_p)[:, :, 0]
+        out = F.scaled_dot_product_attention(padded(q), kp, vp, attn_mask=key_mask, dropout_p=dropout_p)
         return out.transpose(1, 2).reshape(n * max_len, *q.shape[1:])[slot]
 
     def attention_kernel(self, q: torch.Tensor) -> str:
@@ -207,7 +227,23 @@ class PackedBertEncoder(nn.Module):
         else:
             h = self.act(inter(x))
         out = layer.output
-        return out.LayerNorm(out.dense(h) + x)
+        return out.LayerNorm(out.dropout(out.dense(h)) + x)
+
+    def _layer(self, i: int, layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
+               cu_seqlens: torch.Tensor, max_len: int, cls_only: bool) -> torch.Tensor:
+        """One BERT layer on packed rows ``x`` (with ``cls_only``: returns each text's first row only)."""
+        qkv = self._qkv(i, layer, x).view(-1, 3, self.heads, self.head_dim)
+        q, k, v = qkv.unbind(1)
+        if cls_only:  # the pooled vector reads only the [CLS] rows of the last layer
+            first = cu_seqlens[:-1].long()
+            q, x = q[first], x[first]
+        self_attn = layer.attention.self
+        dropout_p = self_attn.dropout.p if self_attn.training else 0.0
+        ctx = self._attend(q, k, v, positions, seq_index, cu_seqlens, max_len, cls_only,
+                           dropout_p).reshape(x.shape[0], -1)
+        attn_out = layer.attention.output
+        x = attn_out.LayerNorm(attn_out.dropout(attn_out.dense(ctx)) + x)
+        return self._feed_forward(layer, x)
 
     # -- forward ---------------------------------------------------------------------------
     def encode(self, batch: PackedBatch) -> torch.Tensor:
@@ -224,19 +260,16 @@ class PackedBertEncoder(nn.Module):
             x = x + emb.token_type_embeddings(token_type_ids)
         else:
             x = x + emb.token_type_embeddings.weight[0]
-        x = emb.LayerNorm(x)
-        first = cu_seqlens[:-1].long()
+        x = emb.dropout(emb.LayerNorm(x))
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(x, self.qkv_weight[i], self.qkv_bias[i]).view(-1, 3, self.heads, self.head_dim)
-            q, k, v = qkv.unbind(1)
             cls_only = i == last and self.pooling == "cls"
-            if cls_only:  # the pooled vector reads only the [CLS] rows of the last layer
-                q, x = q[first], x[first]
-            ctx = self._attend(q, k, v, positions, seq_index, cu_seqlens, max_len, cls_only).reshape(x.shape[0], -1)
-            attn_out = layer.attention.output
-            x = attn_out.LayerNorm(attn_out.dense(ctx) + x)
-            x = self._feed_forward(layer, x)
+            args = (i, layer, x, positions, seq_index, cu_seqlens, max_len, cls_only)
+            if self.trainable and getattr(layer, "gradient_checkpointing", False) and layer.training \
+                    and torch.is_grad_enabled():  # the BERT's activation checkpointing, honoured here
+                x = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
+            else:
+                x = self._layer(*args)
         if self.pooling == "cls":
             return x
         n = cu_seqlens.numel() - 1
