@@ -7,6 +7,7 @@
 #                  the encoder's bare loops only (bf16 weights, compiled), without the pipeline
 #                  paths. "shard" is shard_profile.py: encode_corpus_shard timed and profiled.
 #                  "attention" is attention_kernels.py; its best Triton blocks go to later parts.
+#                  "biencoder-packed": the biencoder step on real passage lengths, padded vs packed_training.
 #   PACKED_ATTENTION  the packed encoder's attention kernels to time (default "auto"; e.g. "varlen,triton")
 #   TRITON_BLOCKS  the Triton attention kernel's blocks (default: the "attention" part's best)
 #   COMPILE_MODES  torch.compile modes of the compiled variants (default "default"); per part:
@@ -69,6 +70,7 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
     encode) cap=200; args="--parts encode";;
     encode-bare) cap=150; args="--parts encode --encode-pipeline 0";;
     biencoder) cap=140; args="--parts biencoder";;
+    biencoder-packed) cap=120; args="--parts biencoder-packed";;
     pretrain) cap=150; args="--parts pretrain";;
     rerank) cap=90; args="--parts rerank";;
     *) echo "unknown part $part"; continue;;
