@@ -14,7 +14,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from simlm_core.modeling.packed_attention import packed_attention  # noqa: E402
+from simlm_core.modeling.packed_attention import _packed_attention_op, packed_attention  # noqa: E402
 
 
 def per_text_sdpa(q, k, v, cu_q, cu_k):
@@ -47,6 +47,8 @@ def kernel_errors() -> dict:
             key = f"{str(dtype).split('.')[-1]} {blocks}"
             out[key] = float((got.float() - ref).abs().max())
             assert got.shape == q.shape and got.dtype == dtype
+            wide = _packed_attention_op(q, k, v, cu, cu, *blocks, True)  # 64-bit offsets, as past 2**31
+            out[key + " wide"] = float((wide.float() - ref).abs().max())
             got_first = packed_attention(q[first], k, v, cu_first, cu, blocks)
             out[key + " first"] = float((got_first.float() - per_text_sdpa(q[first], k, v, cu_first, cu)).abs().max())
     return out

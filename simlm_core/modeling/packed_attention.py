@@ -69,13 +69,16 @@ def _kernel() -> Any:
                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                              stride_ot, stride_oh,
                              HEADS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
         text = tl.program_id(0)
         head0 = tl.program_id(1) * HEADS
         q_start = tl.load(cu_q + text)
         q_len = tl.load(cu_q + text + 1) - q_start
         k_start = tl.load(cu_k + text)
         k_len = tl.load(cu_k + text + 1) - k_start
+        if WIDE:  # element offsets past 2**31: 64-bit addresses (int32 otherwise, the measured path)
+            q_start = q_start.to(tl.int64)
+            k_start = k_start.to(tl.int64)
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
@@ -138,13 +141,14 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     ``torch.compile`` calls it as one opaque kernel inside a compiled encoder.
     """
     _check(q, k, v, cu_q, cu_k, blocks[2])
-    return _packed_attention_op(q, k, v, cu_q, cu_k, *blocks)
+    wide = max(x.shape[0] * x.stride(0) for x in (q, k, v)) >= 2**31 or q.numel() >= 2**31
+    return _packed_attention_op(q, k, v, cu_q, cu_k, *blocks, wide)
 
 
 @torch.library.custom_op("simlm::packed_attention", mutates_args=())
 def _packed_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
                          cu_k: torch.Tensor, block_m: int, block_n: int, heads_per_program: int,
-                         num_warps: int) -> torch.Tensor:
+                         num_warps: int, wide: bool = False) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     n = cu_q.numel() - 1
     if n == 0 or q.shape[0] == 0:
@@ -154,10 +158,11 @@ def _packed_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q
     _kernel()[grid](q, k, v, out, cu_q, cu_k, (1.0 / math.sqrt(d)) * 1.4426950408889634,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     out.stride(0), out.stride(1),
-                    HEADS=heads_per_program, D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+                    HEADS=heads_per_program, D=d, BLOCK_M=block_m, BLOCK_N=block_n, WIDE=wide,
+                    num_warps=num_warps)
     return out
 
 
 @_packed_attention_op.register_fake
-def _(q, k, v, cu_q, cu_k, block_m, block_n, heads_per_program, num_warps):
+def _(q, k, v, cu_q, cu_k, block_m, block_n, heads_per_program, num_warps, wide=False):
     return q.new_empty(q.shape)
