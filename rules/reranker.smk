@@ -51,7 +51,8 @@ rule rerank:
         corpus=corpus_path(),
         queries=queries_path("{split}"),
         run=run_path("retriever1", "{split}"),
-        code=core("rerank.py", "modeling/reranker.py", "drivers/rerank.py"),
+        code=core("rerank.py", "modeling/reranker.py", "modeling/packed.py", "modeling/packed_attention.py",
+                  "tokenized.py", "drivers/rerank.py"),
     output:
         run=run_path("reranker", "{split}"),
     params:
@@ -65,6 +66,7 @@ rule rerank:
                 "top_k": config["reranker"]["rerank_top_k"],
                 "batch_size": config["reranker"]["batch_size"],
                 "max_len": config["reranker"]["max_len"],
+                "packed": None if config["reranker"]["packed"] == "auto" else config["reranker"]["packed"],
             }
         ),
     threads: config["resources"]["cpu_threads"]
@@ -89,7 +91,8 @@ rule score_teacher_shard:
         corpus=corpus_path(),
         queries=queries_path(TRAIN_SPLIT),
         negatives=negatives_path("retriever1"),
-        code=core("rerank.py", "modeling/reranker.py", "drivers/score_teacher.py"),
+        code=core("rerank.py", "modeling/reranker.py", "modeling/packed.py", "modeling/packed_attention.py",
+                  "tokenized.py", "drivers/score_teacher.py"),
     output:
         scores=teacher_shard_path("{shard}"),
     params:
@@ -105,6 +108,7 @@ rule score_teacher_shard:
                 "num_shards": config["reranker"]["teacher_shards"],
                 "batch_size": config["reranker"]["batch_size"],
                 "max_len": config["reranker"]["max_len"],
+                "packed": None if config["reranker"]["packed"] == "auto" else config["reranker"]["packed"],
             }
         ),
     threads: config["resources"]["cpu_threads"]

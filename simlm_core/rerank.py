@@ -52,6 +52,8 @@ class RerankArgs:
     bf16: bool = True
     chunk_pairs: int = 16384
     """Pairs fetched from the corpus and scored per chunk (bounds memory)."""
+    packed: bool | None = None
+    """Score padding-free (BERT / ELECTRA cross-encoders; None: wherever possible)."""
 
 
 @dataclass
@@ -72,6 +74,8 @@ class ScoreTeacherArgs:
     device: str = "auto"
     bf16: bool = True
     queries_per_chunk: int = 1024
+    packed: bool | None = None
+    """Score padding-free (BERT / ELECTRA cross-encoders; None: wherever possible)."""
 
 
 def _score_in_chunks(encoder: CrossEncoder, qids: Sequence[str], pids: Sequence[str], queries: dict[str, str],
@@ -105,6 +109,7 @@ def rerank_run(
     device: str = "auto",
     bf16: bool = True,
     chunk_pairs: int = 16384,
+    packed: bool | None = None,
 ) -> dict[str, Any]:
     """Re-score each query's top ``top_k`` of ``run_path``; write them ranked by the new score.
 
@@ -126,7 +131,7 @@ def rerank_run(
     dev = resolve_device(device)
     qids = top.qid.tolist()
     scores = _score_in_chunks(encoder, qids, top.pid.tolist(), queries, store, chunk_pairs, "rerank",
-                              batch_size=batch_size, max_len=max_len, device=dev, bf16=bf16)
+                              batch_size=batch_size, max_len=max_len, device=dev, bf16=bf16, packed=packed)
     out = pd.DataFrame({"qid": top.qid, "pid": top.pid, "score": scores, "_first": top["rank"]})
     out = out.sort_values(["qid", "score", "_first"], ascending=[True, False, True], kind="stable")
     out["rank"] = (out.groupby("qid", sort=False).cumcount() + 1).astype(np.int32)
@@ -200,6 +205,7 @@ def score_teacher(
     device: str = "auto",
     bf16: bool = True,
     queries_per_chunk: int = 1024,
+    packed: bool | None = None,
 ) -> dict[str, Any]:
     """Teacher scores (qid, pid, score) for one contiguous shard of the negatives table's rows."""
     started = time.time()
@@ -225,7 +231,8 @@ def score_teacher(
             qids, pids = teacher_pairs(table, num_negatives)
             _check_queries(qids, queries, queries_path, negatives_path)
             scores = _score_in_chunks(encoder, qids, pids, queries, store, max(len(qids), 1), "teacher",
-                                      batch_size=batch_size, max_len=max_len, device=dev, bf16=bf16)
+                                      batch_size=batch_size, max_len=max_len, device=dev, bf16=bf16,
+                                      packed=packed)
             writer.write({"qid": qids, "pid": pids, "score": scores})
             n_queries += table.num_rows
             n_pairs += len(qids)

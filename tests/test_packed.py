@@ -77,6 +77,23 @@ def test_gelu_epilogue_is_the_tanh_gelu(tiny):
     assert float(cos.min()) > 0.999
 
 
+def test_electra_with_an_embedding_projection_matches_its_padded_forward():
+    from transformers import ElectraConfig, ElectraModel
+
+    torch.manual_seed(0)
+    electra = ElectraModel(ElectraConfig(vocab_size=120, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=64,
+                                         max_position_embeddings=64)).eval()
+    assert hasattr(electra, "embeddings_project")
+    ids, mask = _padded([5, 17, 9, 2])
+    types = (torch.arange(ids.shape[1])[None, :] >= 3).long() * mask
+    with torch.no_grad():
+        hidden = electra(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        for pooling in ("cls", "mean"):
+            got = PackedBertEncoder(electra, pooling=pooling).encode(PackedBatch.from_padded(ids, mask, types))
+            torch.testing.assert_close(got, pool(hidden, mask, pooling), atol=2e-5, rtol=1e-4)
+
+
 def test_unsupported_models_are_refused(tiny):
     bert, _ = tiny
     assert packed_support(bert) is None
@@ -185,16 +202,16 @@ def test_biencoder_packed_training_same_loss_and_gradients():
 
 
 def test_packed_training_refuses_other_encoders_and_cuda_graphs(tiny_dataset, tiny_bert_dir, tmp_path, monkeypatch):
-    from transformers import ElectraConfig, ElectraModel
+    from transformers import RobertaConfig, RobertaModel
 
     from simlm_core import biencoder_training
     from simlm_core.biencoder_training import BiencoderTrainArgs, build_trainer
     from simlm_core.modeling.biencoder import BiEncoder
 
-    electra = ElectraModel(ElectraConfig(vocab_size=50, embedding_size=16, hidden_size=32, num_hidden_layers=1,
+    roberta = RobertaModel(RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(ValueError, match="packed training is not available.*model type 'electra'"):
-        BiEncoder(electra, packed_training=True)
+    with pytest.raises(ValueError, match="packed training is not available.*model type 'roberta'"):
+        BiEncoder(roberta, packed_training=True)
     monkeypatch.setattr(biencoder_training, "uses_cuda_graphs", lambda cfg: True)  # as on a GPU
     args = BiencoderTrainArgs(output_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
                               model_name_or_path=str(tiny_bert_dir), corpus_path=str(tiny_dataset.corpus_path),

@@ -375,3 +375,42 @@ def test_backend_pair_batches_equal_transformers_call(tiny_bert_dir, multiple):
         assert set(got) == set(want) and int(want["attention_mask"].sum(1).max()) == 24  # truncation happened
         for key in want:
             assert torch.equal(got[key], want[key]), key
+
+
+def test_packed_scoring_equals_the_padded_forward(tmp_path, monkeypatch):
+    """score_pairs' default (packed for BERT and ELECTRA heads) against the model's own padded forward."""
+    from simlm_core.modeling import reranker
+
+    calls = []
+    real_logits = reranker.packed_logits
+    monkeypatch.setattr(reranker, "packed_logits", lambda *a: calls.append(1) or real_logits(*a))
+    from transformers import AutoTokenizer, ElectraConfig, ElectraForSequenceClassification, RobertaConfig, \
+        RobertaForSequenceClassification
+
+    long_text = " ".join(["paris is the capital of france"] * 12)
+    queries = ["tell me about the apple", "chess rules", long_text, "x", "how do rockets fly"]
+    passages = ["Apple: the apple is a fruit.", "Chess: a board game for two.", long_text, "y",
+                "Pizza: bread and cheese, with " + long_text]
+    torch.manual_seed(0)
+    electra = ElectraForSequenceClassification(ElectraConfig(
+        vocab_size=30522, embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=1, max_position_embeddings=64))
+    electra.save_pretrained(tmp_path / "electra")
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(tmp_path / "electra")
+    for path in (minilm_dir(), tmp_path / "electra"):
+        enc = CrossEncoder.from_pretrained(path)
+        kwargs = dict(batch_size=2, max_len=48, device="cpu", show_progress=False)
+        padded = enc.score_pairs(queries, passages, packed=False, **kwargs)
+        assert not calls
+        packed = enc.score_pairs(queries, passages, **kwargs)  # auto: packed for these heads
+        assert len(calls) == 3  # 5 pairs in batches of 2
+        calls.clear()
+        assert np.ptp(padded) > 1e-4, "scores that differ, so equality means something"
+        np.testing.assert_allclose(packed, padded, rtol=1e-4, atol=2e-5)
+        assert not enc.model.training
+    roberta = CrossEncoder(RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        num_labels=1)), AutoTokenizer.from_pretrained(minilm_dir()))
+    with pytest.raises(ValueError, match="packed scoring is not available: RobertaForSequenceClassification"):
+        roberta.score_pairs(queries, passages, packed=True, device="cpu", show_progress=False)
+    assert roberta.score_pairs(queries, passages, device="cpu", show_progress=False).shape == (5,)

@@ -137,6 +137,15 @@ def test_packed_training_switch_reaches_the_driver(tmp_path):
     assert jobs and all('"packed_training": true' in j for j in jobs)
 
 
+def test_packed_scoring_switch_reaches_the_drivers(tmp_path):
+    for value, want in (("auto", '"packed": null'), ("false", '"packed": false')):
+        proc = snakemake(tmp_path, "-n", "-p", "--config", f"reranker={{packed: {value}}}")
+        text = (proc.stdout + proc.stderr).replace('\\"', '"')
+        for rule in ("rerank", "score_teacher_shard"):
+            jobs = text.split(f"rule {rule}:")[1:]
+            assert jobs and all(want in j[:6000] for j in jobs), (rule, value)
+
+
 def test_training_arguments_carry_torch_compile(tmp_path):
     from simlm_core.training import TrainConfig, to_training_arguments
 

@@ -1,8 +1,8 @@
 """Padding-free BERT inference: a batch's tokens packed into one ``[T, H]`` row, no padding anywhere.
 
-The encoder of a :class:`~simlm_core.modeling.biencoder.BiEncoder`, for encoding only, with the
-same weights (shared, not copied, except the fused query/key/value matrix) and the same
-arithmetic as transformers' ``BertModel``, but:
+A BERT (or ELECTRA) encoder -- a :class:`~simlm_core.modeling.biencoder.BiEncoder`'s, or a
+cross-encoder's for re-ranking -- with the same weights (shared, not copied, except the fused
+query/key/value matrix) and the same arithmetic as transformers' ``BertModel``, but:
 
 - **no padding**: every linear layer, LayerNorm and activation runs on the batch's real tokens
   only; attention, on CUDA, is our Triton kernel for short packed texts
@@ -36,7 +36,10 @@ from torch import nn
 
 from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS, packed_attention, triton_attention_available
 
-__all__ = ["PackedBatch", "PackedBertEncoder", "packed_support", "varlen_available"]
+__all__ = ["PACKED_MODEL_TYPES", "PackedBatch", "PackedBertEncoder", "packed_support", "varlen_available"]
+
+PACKED_MODEL_TYPES = ("bert", "electra")
+"""Encoders with BERT's layer (ELECTRA's differs only by an optional embedding projection)."""
 
 
 def _varlen_attn() -> Any:
@@ -55,14 +58,14 @@ def varlen_available(device: torch.device) -> bool:
 def packed_support(encoder: nn.Module) -> str | None:
     """``None`` if :class:`PackedBertEncoder` can run ``encoder``; else the reason it cannot."""
     config = getattr(encoder, "config", None)
-    if getattr(config, "model_type", None) != "bert":
-        return f"model type {getattr(config, 'model_type', None)!r} (only 'bert' is packed)"
+    if getattr(config, "model_type", None) not in PACKED_MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)!r} (packed: {', '.join(PACKED_MODEL_TYPES)})"
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         return f"position_embedding_type {config.position_embedding_type!r} (only 'absolute')"
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         return "a decoder / cross-attention BERT"
     if not hasattr(encoder, "embeddings") or not hasattr(encoder, "encoder"):
-        return f"{type(encoder).__name__} is not a BertModel"
+        return f"{type(encoder).__name__} is not a BertModel or ElectraModel"
     return None
 
 
@@ -156,6 +159,7 @@ class PackedBertEncoder(nn.Module):
 
         self.act = ACT2FN[cfg.hidden_act]
         self.embeddings = bert.embeddings
+        self.embeddings_project = getattr(bert, "embeddings_project", None)  # ELECTRA, embedding size != hidden
         self.layers = bert.encoder.layer
         # One [3H, H] projection per layer: for inference a frozen copy (the only weights copied);
         # for training built from the live weights per call (see _qkv).
@@ -261,6 +265,8 @@ class PackedBertEncoder(nn.Module):
         else:
             x = x + emb.token_type_embeddings.weight[0]
         x = emb.dropout(emb.LayerNorm(x))
+        if self.embeddings_project is not None:
+            x = self.embeddings_project(x)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             cls_only = i == last and self.pooling == "cls"
