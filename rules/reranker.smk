@@ -3,6 +3,7 @@
 
 RERANKER_CODE = core(
     "modeling/reranker.py", "reranker_training.py", "losses.py", "training.py",
+    "modeling/packed.py", "modeling/packed_attention.py",  # packed_training
     "drivers/train_reranker.py",
 )
 

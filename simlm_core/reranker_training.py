@@ -40,8 +40,14 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, set_seed
 
 from simlm_core.io import NEGATIVES_SCHEMA, InputError, PassageStore, load_queries
-from simlm_core.modeling.reranker import DEFAULT_MAX_LEN, CrossEncoder, format_passage, tokenize_pairs
-from simlm_core.training import TrainConfig, to_training_arguments, train_and_save
+from simlm_core.modeling.reranker import (
+    DEFAULT_MAX_LEN,
+    CrossEncoder,
+    format_passage,
+    pack_encoder_forward,
+    tokenize_pairs,
+)
+from simlm_core.training import TrainConfig, to_training_arguments, train_and_save, uses_cuda_graphs
 
 try:  # the shared loss module (another engineer's); same contract: scores [B, G], positive at 0
     from simlm_core.losses import listwise_ce as _shared_listwise_ce
@@ -90,6 +96,9 @@ class RerankerTrainArgs(TrainConfig):
     """Weight of the R-Drop symmetric KL; the authors' effective weight is 1.0; 0 disables R-Drop."""
     forward_factor: int = 1
     """Train on the top G/forward_factor of each group (positive always kept); authors use 4."""
+    packed_training: bool = False
+    """Run the encoder padding-free (BERT / ELECTRA; simlm_core.modeling.packed): the same model
+    and loss without the padding's compute. Not with CUDA graphs (each batch has its own size)."""
     # Overrides of shared defaults with the paper's re-ranker values (train_reranker_marco.sh).
     learning_rate: float = 3e-5
     per_device_train_batch_size: int = 8
@@ -101,6 +110,11 @@ class RerankerTrainArgs(TrainConfig):
             raise ValueError(f"forward_factor must be >= 1, got {self.forward_factor}")
         if self.rdrop_alpha < 0:
             raise ValueError(f"rdrop_alpha must be >= 0, got {self.rdrop_alpha}")
+        if self.packed_training and uses_cuda_graphs(self):
+            raise ValueError(
+                f"packed_training gives every batch its own token count, so torch_compile_mode="
+                f"{self.torch_compile_mode!r} (CUDA graphs, one per shape) would record a graph per step: "
+                "use torch_compile_mode 'default' or switch packed_training off")
 
 
 def trained_group_size(group_size: int, forward_factor: int) -> int:
@@ -334,6 +348,8 @@ def train_reranker(args: RerankerTrainArgs) -> dict[str, Any]:
     started = time.time()
     set_seed(args.seed)  # the fresh classification head is initialised reproducibly
     encoder = CrossEncoder.from_pretrained(args.model_name_or_path)
+    if args.packed_training:
+        pack_encoder_forward(encoder.model)
     dataset = RerankerGroupDataset(args.negatives_path, args.queries_path, args.corpus_path,
                                    group_size=args.train_group_size, seed=args.seed)
     stats = dataset.stats()

@@ -20,12 +20,13 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from simlm_core.io import passage_text
 from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder, packed_support
@@ -97,6 +98,36 @@ def packed_logits(model: PreTrainedModel, encoder: PackedBertEncoder, batch: Pac
     if type(model).__name__ == "BertForSequenceClassification":
         return model.classifier(model.dropout(model.bert.pooler(first)))
     return model.classifier(first)
+
+
+def pack_encoder_forward(model: PreTrainedModel) -> None:
+    """Make ``model``'s encoder (``model.base_model``) run padding-free, for training.
+
+    The encoder's ``forward`` is replaced on this instance only by the packed encoder's
+    (:class:`~simlm_core.modeling.packed.PackedBertEncoder`, ``trainable=True``: the BERT's dropout,
+    gradients to every weight). It returns the [CLS] rows only, as a ``[N, 1, H]`` last hidden
+    state plus BERT's pooler output: all that the sequence-classification heads read. The model
+    object, its parameters and state dict, the Trainer, DDP and checkpoints stay as they are.
+    """
+    reason = packed_scoring_support(model)
+    if reason is not None:
+        raise ValueError(f"packed training is not available: {reason}")
+    base = model.base_model
+    packed = PackedBertEncoder(base, pooling="cls", trainable=True)
+    pooler = getattr(base, "pooler", None)
+
+    def forward(input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> BaseModelOutputWithPooling:
+        if input_ids is None or inputs_embeds is not None or position_ids is not None:
+            raise ValueError("the packed encoder takes input_ids (positions follow the attention mask)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        first = packed.encode(PackedBatch.from_padded(input_ids, attention_mask, token_type_ids))[:, None, :]
+        return BaseModelOutputWithPooling(last_hidden_state=first,
+                                          pooler_output=pooler(first) if pooler is not None else None)
+
+    base.forward = forward
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
