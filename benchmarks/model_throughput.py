@@ -914,6 +914,72 @@ def bench_biencoder_packed(args, device, size, work: Path, peak) -> list[dict]:
 
 
 # =============================================================================================
+# (f) re-ranker training on real pair lengths: padded batches against packed_training
+def bench_rerank_train_packed(args, device, size, work: Path, peak) -> list[dict]:
+    """The cross-encoder's group-loss step (ELECTRA-base shape, pairs up to 192 tokens, MS MARCO-like
+    lengths) as the re-ranker trainer runs it: padded (the default) and with ``packed_training``.
+    Both rows count the FLOPs of the real tokens (the packed encoder's: last layer on [CLS] only)."""
+    import copy
+
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    from simlm_core.modeling.reranker import pack_encoder_forward, tokenize_pairs
+    from simlm_core.reranker_training import group_loss
+
+    tok, words = make_tokenizer(work / "tok")
+    Q, G, max_len, n_batches = args.bi_queries, args.bi_group, 192, 4
+    passages = make_passages(words, Q * G * n_batches, seed=5)
+    queries = make_passages(words, Q * n_batches, seed=6, mean_words=6, min_words=2, max_words=20)
+    multiple = 8 if device.type == "cuda" else None
+    batches, lengths, padded_tokens = [], [], 0
+    for b in range(n_batches):
+        qs = [queries[b * Q + i // G] for i in range(Q * G)]
+        enc = dict(tokenize_pairs(tok, qs, passages[b * Q * G : (b + 1) * Q * G], max_len=max_len,
+                                  pad_to_multiple_of=multiple))
+        enc["labels"] = torch.zeros(Q, dtype=torch.long)
+        batches.append({k: v.to(device) for k, v in enc.items()})
+        lengths.append(enc["attention_mask"].sum(1).tolist())
+        padded_tokens += enc["input_ids"].numel()
+    enc_cfg = SIZES[size]["enc"]
+    flops = 3 * sum(packed_forward_flops(enc_cfg, ls) for ls in lengths) / n_batches
+    tokens = sum(sum(ls) for ls in lengths) / n_batches
+    shape = (f"{Q} groups x {G} pairs, mean {np.mean(lengths):.0f} / max {np.max(lengths)} tok, "
+             f"{100 * (1 - tokens * n_batches / padded_tokens):.0f}% of padded tokens are padding")
+    print(f"   {shape}", flush=True)
+    torch.manual_seed(0)
+    base = ElectraForSequenceClassification(ElectraConfig(vocab_size=VOCAB, max_position_embeddings=512,
+                                                          embedding_size=enc_cfg["hidden_size"], num_labels=1,
+                                                          **enc_cfg))
+    rows, secs = [], {}
+    for packed in (False, True):
+        model = copy.deepcopy(base).to(device).train()
+        if packed:
+            pack_encoder_forward(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-5, **({"fused": True} if device.type == "cuda" else {}))
+
+        def step(m: torch.nn.Module, i: int) -> None:
+            with autocast(device):
+                loss = group_loss(m, batches[i % n_batches], rdrop_alpha=0.0)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for i in range(args.warmup):
+            step(model, i)
+        sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
+        mean = float(np.mean(iter_times))
+        secs[packed] = mean
+        what = f"re-ranker group-loss step, real lengths, {'packed_training' if packed else 'padded (default)'}"
+        rows.append(rate_row("rerank-train-packed", what, shape, Q * G, "pair", tokens, flops, mean, peak,
+                             {"step_seconds_mean": mean, "step_seconds_best": sec, "iteration_seconds": iter_times,
+                              "padding_fraction": 1 - tokens * n_batches / padded_tokens}))
+        del model, opt
+    rows[-1]["speedup_vs_padded"] = secs[False] / secs[True]
+    print(f"   packed_training: {secs[False] / secs[True]:.2f}x the padded step's rate", flush=True)
+    return rows
+
+
+# =============================================================================================
 # (d) re-ranker scoring
 def bench_rerank(args, device, size, work: Path, peak) -> list[dict]:
     """``CrossEncoder.score_pairs`` (what re-ranking and teacher scoring call) against a bare
@@ -982,7 +1048,7 @@ def bench_rerank(args, device, size, work: Path, peak) -> list[dict]:
 
 
 PARTS = {"encode": bench_encode, "pretrain": bench_pretrain, "biencoder": bench_biencoder, "rerank": bench_rerank,
-         "biencoder-packed": bench_biencoder_packed}
+         "biencoder-packed": bench_biencoder_packed, "rerank-train-packed": bench_rerank_train_packed}
 
 
 # =============================================================================================
