@@ -72,6 +72,7 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
     biencoder) cap=140; args="--parts biencoder";;
     biencoder-packed) cap=120; args="--parts biencoder-packed";;
     rerank-train-packed) cap=120; args="--parts rerank-train-packed";;
+    pretrain-packed) cap=120; args="--parts pretrain-packed";;
     pretrain) cap=150; args="--parts pretrain";;
     rerank) cap=90; args="--parts rerank";;
     *) echo "unknown part $part"; continue;;

@@ -980,6 +980,73 @@ def bench_rerank_train_packed(args, device, size, work: Path, peak) -> list[dict
 
 
 # =============================================================================================
+# (g) pre-training on real passage lengths: padded batches against packed_training
+def bench_pretrain_packed(args, device, size, work: Path, peak) -> list[dict]:
+    """The SimLM RLM step on MS MARCO-like passages (~67 tokens, max 144), padded per batch (the
+    default) and with ``packed_training`` (encoder and decoder on real tokens; the frozen
+    generator reads the padded batch in both). FLOPs as in (b), counted on the real tokens."""
+    import copy
+
+    from transformers import BertConfig, BertForMaskedLM, ElectraConfig, ElectraForMaskedLM
+
+    from simlm_core.modeling.pretrain import GeneratorReplacer, SimLMForPretraining
+    from simlm_core.pretraining import RLMCollator
+
+    tok, words = make_tokenizer(work / "tok")
+    B, max_len, n_batches = args.pretrain_batch, 144, 4
+    examples = [{"title": "", "text": t} for t in make_passages(words, B * n_batches, seed=7)]
+    collator = RLMCollator(tok, max_len=max_len, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    batches_cpu = [collator(examples[i * B : (i + 1) * B]) for i in range(n_batches)]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches_cpu]
+    lengths = [b["attention_mask"].sum(1).tolist() for b in batches_cpu]
+    padded_tokens = sum(b["attention_mask"].numel() for b in batches_cpu)
+    tokens = sum(sum(ls) for ls in lengths) / n_batches
+    enc_cfg, gen_cfg = SIZES[size]["enc"], SIZES[size]["gen"]
+    h = enc_cfg["hidden_size"]
+    flops = 0.0
+    for b, ls in zip(batches_cpu, lengths):
+        n_lab = float((b["labels"] != -100).sum())
+        enc_f = encoder_forward_flops(enc_cfg, ls) + mlm_head_flops(h, n_lab)
+        dec_f = encoder_forward_flops(enc_cfg, ls, layers=2) + mlm_head_flops(h, n_lab)
+        flops += 3 * (enc_f + dec_f) + 2 * generator_forward_flops(gen_cfg, ls)
+    flops /= n_batches
+    shape = (f"{B} psg, mean {np.mean(lengths):.0f} / max {np.max(lengths)} tok, "
+             f"{100 * (1 - tokens * n_batches / padded_tokens):.0f}% of padded tokens are padding")
+    print(f"   {shape}", flush=True)
+    torch.manual_seed(0)
+    encoder = BertForMaskedLM(BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **enc_cfg))
+    generator = ElectraForMaskedLM(ElectraConfig(vocab_size=VOCAB, max_position_embeddings=512, **gen_cfg)).to(device)
+    rows, secs = [], {}
+    for packed in (False, True):
+        model = SimLMForPretraining(copy.deepcopy(encoder), replacer=GeneratorReplacer(generator), decoder_layers=2,
+                                    packed_training=packed).to(device)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4,
+                                **({"fused": True} if device.type == "cuda" else {}))
+
+        def step(m: torch.nn.Module, i: int) -> None:
+            with autocast(device):
+                loss = m(**batches[i % n_batches]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for i in range(args.warmup):
+            step(model, i)
+        sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
+        mean = float(np.mean(iter_times))
+        secs[packed] = mean
+        what = f"SimLM RLM step, real lengths, {'packed_training' if packed else 'padded (default)'}"
+        rows.append(rate_row("pretrain-packed", what, shape, B, "psg", tokens, flops, mean, peak,
+                             {"step_seconds_mean": mean, "step_seconds_best": sec, "iteration_seconds": iter_times,
+                              "padding_fraction": 1 - tokens * n_batches / padded_tokens}))
+        del model, opt
+    rows[-1]["speedup_vs_padded"] = secs[False] / secs[True]
+    print(f"   packed_training: {secs[False] / secs[True]:.2f}x the padded step's rate", flush=True)
+    return rows
+
+
+# =============================================================================================
 # (d) re-ranker scoring
 def bench_rerank(args, device, size, work: Path, peak) -> list[dict]:
     """``CrossEncoder.score_pairs`` (what re-ranking and teacher scoring call) against a bare
@@ -1048,7 +1115,8 @@ def bench_rerank(args, device, size, work: Path, peak) -> list[dict]:
 
 
 PARTS = {"encode": bench_encode, "pretrain": bench_pretrain, "biencoder": bench_biencoder, "rerank": bench_rerank,
-         "biencoder-packed": bench_biencoder_packed, "rerank-train-packed": bench_rerank_train_packed}
+         "biencoder-packed": bench_biencoder_packed, "rerank-train-packed": bench_rerank_train_packed,
+         "pretrain-packed": bench_pretrain_packed}
 
 
 # =============================================================================================

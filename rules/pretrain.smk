@@ -77,7 +77,8 @@ rule pretrain:
         encoder=local_model_inputs(base_encoder()),
         generator=local_model_inputs(generator_value()),
         code=core(
-            "modeling/pretrain.py", "pretraining.py", "training.py", "drivers/pretrain.py"
+            "modeling/pretrain.py", "pretraining.py", "training.py", "drivers/pretrain.py",
+            "modeling/packed.py", "modeling/packed_attention.py",  # packed_training
         ),
     output:
         directory(pretrain_checkpoint()),

@@ -318,6 +318,9 @@ class PretrainArgs(TrainConfig):
     label_positions: str = "auto"
     """"all" (RLM: every non-special token), "masked" (BERT MLM), "auto": masked iff generator=none."""
     unigram_max_passages: int = 100_000
+    packed_training: bool = False
+    """Run encoder and decoder padding-free (simlm_core.modeling.packed): the same model and losses
+    without the padding's compute; the generator still reads padded batches. Not with CUDA graphs."""
     # TrainConfig fields with the authors' values (train_rlm.sh)
     learning_rate: float = 3e-4
     warmup_steps: int = 4000
@@ -437,6 +440,7 @@ def build_pretrain_model(args: PretrainArgs, tokenizer: PreTrainedTokenizerBase)
         encoder_loss_weight=args.encoder_loss_weight,
         decoder_loss_weight=args.decoder_loss_weight,
         label_positions=args.resolved_label_positions(),
+        packed_training=args.packed_training,
     )
 
 
@@ -445,6 +449,11 @@ def pretrain(args: PretrainArgs) -> dict[str, Any]:
     from transformers import set_seed
 
     set_seed(args.seed)
+    if args.packed_training and uses_cuda_graphs(args):
+        raise ValueError(
+            f"packed_training gives every batch its own token count, so torch_compile_mode="
+            f"{args.torch_compile_mode!r} (CUDA graphs, one per shape) would record a graph per step: "
+            "use torch_compile_mode 'default' or switch packed_training off")
     training_args = to_training_arguments(args)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path)
     model = build_pretrain_model(args, tokenizer)

@@ -355,12 +355,14 @@ def test_generator_frozen_excluded_from_optimizer_state_dict_and_saving(
     assert sum(1 for _ in (tmp_path / "saved").rglob("model.safetensors")) == 3  # encoder, mlm_head, decoder
 
 
-def test_loss_falls_over_30_steps(wordpiece_encoder_dir, passages):
+@pytest.mark.parametrize("packed", [False, True])
+def test_loss_falls_over_30_steps(wordpiece_encoder_dir, passages, packed):
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(wordpiece_encoder_dir))
-    model = _model(wordpiece_encoder_dir, replacer=build_replacer("uniform", len(tok), tok.all_special_ids))
+    model = _model(wordpiece_encoder_dir, replacer=build_replacer("uniform", len(tok), tok.all_special_ids),
+                   packed_training=packed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     collator = RLMCollator(tok, max_len=48)
@@ -419,11 +421,12 @@ def test_encoder_only_ablation(tiny_encoder_dir, tokenizer, passages, tmp_path):
     assert not (tmp_path / "enc_only" / "decoder").exists()
 
 
-@pytest.mark.parametrize("generator", ["unigram", "none"])
-def test_pretrain_entry_point(tiny_encoder_dir, corpus, tmp_path, generator):
+@pytest.mark.parametrize("generator,packed", [("unigram", False), ("none", False), ("unigram", True)])
+def test_pretrain_entry_point(tiny_encoder_dir, corpus, tmp_path, generator, packed):
     from transformers import AutoModel
 
     args = PretrainArgs(corpus_path=str(corpus), model_name_or_path=str(tiny_encoder_dir), generator=generator,
+                        packed_training=packed,
                         output_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), max_steps=2,
                         per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0,
                         save_steps=100, logging_steps=1, max_len=48, disable_tqdm=True, unigram_max_passages=50)
@@ -498,3 +501,36 @@ def test_pad_to_max_len_gives_one_shape_and_the_same_labels(tokenizer, passages)
     assert width < 200 and all(v.shape == (8, 200) for v in full.values())
     assert torch.equal(full["labels"][:, :width], short["labels"])
     assert (full["labels"][:, width:] == -100).all() and not full["attention_mask"][:, width:].any()
+
+
+@pytest.mark.parametrize("label_positions", ["all", "masked"])
+def test_packed_pretraining_gives_the_same_losses_and_gradients(tiny_encoder_dir, tokenizer, passages,
+                                                                label_positions):
+    """packed_training: encoder and decoder on the real tokens only, the same RLM losses and gradients."""
+    models = [_model(tiny_encoder_dir, label_positions=label_positions, packed_training=flag) for flag in (False, True)]
+    models[1].load_state_dict(models[0].state_dict())
+    b = _batch(tokenizer, passages, n=8)
+    assert int(b["attention_mask"].sum()) < b["attention_mask"].numel()  # the batch holds padding
+    results = []
+    for m in models:
+        for module in m.modules():  # dropout off, so the two paths must agree exactly
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        m.train()
+        out = m(**b)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (padded, g_padded), (packed, g_packed) = results
+    for key in ("loss", "encoder_loss", "decoder_loss", "replace_ratio"):
+        torch.testing.assert_close(getattr(packed, key), getattr(padded, key), atol=1e-5, rtol=1e-5, msg=key)
+    assert g_packed.keys() == g_padded.keys() and any(k.startswith("decoder.") for k in g_packed)
+    for name, grad in g_padded.items():
+        torch.testing.assert_close(g_packed[name], grad, atol=2e-5, rtol=1e-4, msg=name)
+    assert models[1].state_dict().keys() == models[0].state_dict().keys()
+
+
+def test_packed_pretraining_refuses_non_bert_encoders(tiny_encoder_dir):
+    model = _model(tiny_encoder_dir)
+    model.encoder.bert.config.model_type = "roberta"
+    with pytest.raises(ValueError, match="packed training is not available.*roberta"):
+        SimLMForPretraining(model.encoder, packed_training=True)

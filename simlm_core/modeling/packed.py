@@ -132,7 +132,8 @@ class PackedBertEncoder(nn.Module):
     fp16/bf16, i.e. half weights or autocast, on CUDA: Triton if importable, else varlen; else padded).
     ``attention_blocks``: the Triton kernel's ``(BLOCK_M, BLOCK_N, heads per program, warps)``.
     ``trainable``: for training (see the module doc); otherwise the encoder is put in eval mode
-    and the fused projection is a frozen copy (inference only).
+    and the fused projection is a frozen copy (inference only). ``pooling="tokens"`` returns
+    every token's last hidden state ``[T, H]`` (for MLM heads).
     """
 
     def __init__(self, bert: nn.Module, pooling: str = "cls", attention: str = "auto",
@@ -142,8 +143,8 @@ class PackedBertEncoder(nn.Module):
         reason = packed_support(bert)
         if reason is not None:
             raise ValueError(f"cannot pack this encoder: {reason}")
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        if pooling not in ("cls", "mean", "tokens"):
+            raise ValueError(f"pooling must be 'cls', 'mean' or 'tokens', got {pooling!r}")
         if attention not in ("auto", "varlen", "triton", "padded"):
             raise ValueError(f"attention must be 'auto', 'varlen', 'triton' or 'padded', got {attention!r}")
         cfg = bert.config
@@ -249,6 +250,21 @@ class PackedBertEncoder(nn.Module):
         x = attn_out.LayerNorm(attn_out.dropout(attn_out.dense(ctx)) + x)
         return self._feed_forward(layer, x)
 
+    def _run(self, i: int, layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
+             cu_seqlens: torch.Tensor, max_len: int, cls_only: bool) -> torch.Tensor:
+        args = (i, layer, x, positions, seq_index, cu_seqlens, max_len, cls_only)
+        if self.trainable and getattr(layer, "gradient_checkpointing", False) and layer.training \
+                and torch.is_grad_enabled():  # the BERT's activation checkpointing, honoured here
+            return torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
+        return self._layer(*args)
+
+    def run_layer(self, layer: nn.Module, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """Any BERT layer (e.g. SimLM's decoder layers) on packed rows ``x`` ``[T, H]`` of ``batch``'s
+        texts, every row out (trainable encoders only: their projections read the layer's weights)."""
+        if not self.trainable:
+            raise ValueError("run_layer needs a trainable PackedBertEncoder (its q/k/v copies are this BERT's)")
+        return self._run(-1, layer, x, batch.positions, batch.seq_index, batch.cu_seqlens, batch.max_len, False)
+
     # -- forward ---------------------------------------------------------------------------
     def encode(self, batch: PackedBatch) -> torch.Tensor:
         """Pooled ``[N, H]`` vectors of ``batch``'s texts, in batch order (not normalised)."""
@@ -270,13 +286,8 @@ class PackedBertEncoder(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             cls_only = i == last and self.pooling == "cls"
-            args = (i, layer, x, positions, seq_index, cu_seqlens, max_len, cls_only)
-            if self.trainable and getattr(layer, "gradient_checkpointing", False) and layer.training \
-                    and torch.is_grad_enabled():  # the BERT's activation checkpointing, honoured here
-                x = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
-            else:
-                x = self._layer(*args)
-        if self.pooling == "cls":
+            x = self._run(i, layer, x, positions, seq_index, cu_seqlens, max_len, cls_only)
+        if self.pooling in ("cls", "tokens"):
             return x
         n = cu_seqlens.numel() - 1
         sums = x.new_zeros(n, x.shape[1]).index_add_(0, seq_index, x)

@@ -288,6 +288,7 @@ class SimLMForPretraining(nn.Module):
         decoder_loss_weight: float = 1.0,
         label_positions: str = "all",
         pooler_state: dict[str, torch.Tensor] | None = None,
+        packed_training: bool = False,
     ) -> None:
         super().__init__()
         if label_positions not in ("all", "masked"):
@@ -313,6 +314,16 @@ class SimLMForPretraining(nn.Module):
         self.decoder_loss_weight = decoder_loss_weight
         self.label_positions = label_positions
         self.pooler_state = pooler_state or _fresh_pooler(encoder.config)
+        self.packed_training = bool(packed_training)
+        if self.packed_training:
+            from simlm_core.modeling.packed import PackedBertEncoder, packed_support
+
+            reason = packed_support(encoder.bert)
+            if reason is not None:
+                raise ValueError(f"packed training is not available for this encoder: {reason}")
+            # Out of the module tree: it shares every weight with ``encoder`` (nothing to save or move).
+            object.__setattr__(self, "_packed_encoder", PackedBertEncoder(encoder.bert, pooling="tokens",
+                                                                          trainable=True))
 
     # -- construction / persistence ------------------------------------------------------------
     @classmethod
@@ -428,6 +439,10 @@ class SimLMForPretraining(nn.Module):
         decoder_mlm_mask: torch.Tensor | None = None,
     ) -> SimLMPretrainOutput:
         enc_ids = self._replace(encoder_input_ids, attention_mask, token_type_ids, encoder_mlm_mask)
+        if self.packed_training and self.training:
+            loss, enc_loss, dec_loss = self._packed_losses(enc_ids, decoder_input_ids, attention_mask, labels,
+                                                           token_type_ids, encoder_mlm_mask, decoder_mlm_mask)
+            return self._output(loss, enc_loss, dec_loss, enc_ids, labels, attention_mask)
         hidden = self.encoder.bert(
             input_ids=enc_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
@@ -447,7 +462,32 @@ class SimLMForPretraining(nn.Module):
                     x = x[0]
             dec_loss = self._mlm_loss(x, self._labels(labels, decoder_mlm_mask))
             loss = loss + self.decoder_loss_weight * dec_loss
+        return self._output(loss, enc_loss, dec_loss, enc_ids, labels, attention_mask)
 
+    def _packed_losses(self, enc_ids, decoder_input_ids, attention_mask, labels, token_type_ids,
+                       encoder_mlm_mask, decoder_mlm_mask):
+        """The RLM losses with encoder and decoder run padding-free (``packed_training``): the same
+        arithmetic on the real tokens only; the generator still reads the padded batch."""
+        from simlm_core.modeling.packed import PackedBatch
+
+        batch = PackedBatch.from_padded(enc_ids, attention_mask, token_type_ids)
+        real = attention_mask.bool()
+        hidden = self._packed_encoder.encode(batch)  # [T, H], the texts' tokens in row-major order
+        enc_loss = self._mlm_loss(hidden, self._labels(labels, encoder_mlm_mask)[real])
+        loss = self.encoder_loss_weight * enc_loss
+        dec_loss = None
+        if self.use_decoder:
+            dec_ids = self._replace(decoder_input_ids, attention_mask, token_type_ids, decoder_mlm_mask)
+            embeds = self.encoder.bert.embeddings(input_ids=dec_ids)[real]
+            first = batch.cu_seqlens[:-1].long()  # each text's [CLS] row takes the encoder's vector
+            x = embeds.index_copy(0, first, hidden[first].to(embeds.dtype))
+            for layer in self.decoder:
+                x = self._packed_encoder.run_layer(layer, x, batch)
+            dec_loss = self._mlm_loss(x, self._labels(labels, decoder_mlm_mask)[real])
+            loss = loss + self.decoder_loss_weight * dec_loss
+        return loss, enc_loss, dec_loss
+
+    def _output(self, loss, enc_loss, dec_loss, enc_ids, labels, attention_mask) -> SimLMPretrainOutput:
         with torch.no_grad():
             valid = labels != IGNORE_INDEX
             replaced = (enc_ids != labels) & valid
