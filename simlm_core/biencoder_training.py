@@ -25,7 +25,13 @@ from transformers import Trainer, TrainerCallback, set_seed
 
 from simlm_core.collators import BiencoderCollator, BiencoderDataset
 from simlm_core.modeling.biencoder import BiEncoder
-from simlm_core.training import TrainConfig, to_training_arguments, train_and_save, train_config_fields, uses_cuda_graphs
+from simlm_core.training import (
+    TrainConfig,
+    check_packed_training,
+    to_training_arguments,
+    train_and_save,
+    train_config_fields,
+)
 
 __all__ = ["BiencoderTrainArgs", "BiencoderTrainer", "SetEpochCallback", "train_biencoder", "build_trainer"]
 
@@ -126,11 +132,7 @@ def build_trainer(args: BiencoderTrainArgs) -> tuple[BiencoderTrainer, BiEncoder
     """Model, data and Trainer for ``args`` (no training yet)."""
     set_seed(args.seed)
     cfg = args.train_config()
-    if args.packed_training and uses_cuda_graphs(cfg):
-        raise ValueError(
-            f"packed_training gives every batch its own token count, so torch_compile_mode="
-            f"{cfg.torch_compile_mode!r} (CUDA graphs, one per shape) would record a graph per step: "
-            "use torch_compile_mode 'default' or switch packed_training off")
+    check_packed_training(cfg, args.packed_training)
     distill = args.teacher_scores_path is not None
     model = BiEncoder.from_pretrained(
         args.model_name_or_path,

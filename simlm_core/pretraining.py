@@ -60,6 +60,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer
 from simlm_core.io import corpus_arrow_cache, iter_corpus_batches, passage_text
 from simlm_core.training import (
     TrainConfig,
+    check_packed_training,
     mode_uses_cuda_graphs,
     to_training_arguments,
     train_and_save,
@@ -449,11 +450,7 @@ def pretrain(args: PretrainArgs) -> dict[str, Any]:
     from transformers import set_seed
 
     set_seed(args.seed)
-    if args.packed_training and uses_cuda_graphs(args):
-        raise ValueError(
-            f"packed_training gives every batch its own token count, so torch_compile_mode="
-            f"{args.torch_compile_mode!r} (CUDA graphs, one per shape) would record a graph per step: "
-            "use torch_compile_mode 'default' or switch packed_training off")
+    check_packed_training(args, args.packed_training)
     training_args = to_training_arguments(args)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path)
     model = build_pretrain_model(args, tokenizer)

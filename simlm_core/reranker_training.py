@@ -47,7 +47,7 @@ from simlm_core.modeling.reranker import (
     pack_encoder_forward,
     tokenize_pairs,
 )
-from simlm_core.training import TrainConfig, to_training_arguments, train_and_save, uses_cuda_graphs
+from simlm_core.training import TrainConfig, check_packed_training, to_training_arguments, train_and_save
 
 try:  # the shared loss module (another engineer's); same contract: scores [B, G], positive at 0
     from simlm_core.losses import listwise_ce as _shared_listwise_ce
@@ -110,11 +110,7 @@ class RerankerTrainArgs(TrainConfig):
             raise ValueError(f"forward_factor must be >= 1, got {self.forward_factor}")
         if self.rdrop_alpha < 0:
             raise ValueError(f"rdrop_alpha must be >= 0, got {self.rdrop_alpha}")
-        if self.packed_training and uses_cuda_graphs(self):
-            raise ValueError(
-                f"packed_training gives every batch its own token count, so torch_compile_mode="
-                f"{self.torch_compile_mode!r} (CUDA graphs, one per shape) would record a graph per step: "
-                "use torch_compile_mode 'default' or switch packed_training off")
+        check_packed_training(self, self.packed_training)
 
 
 def trained_group_size(group_size: int, forward_factor: int) -> int:

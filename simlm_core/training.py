@@ -112,6 +112,16 @@ def check_cuda_graph_settings(cfg: TrainConfig) -> None:
             "batch) or torch_compile_mode to 'default'")
 
 
+def check_packed_training(cfg: TrainConfig, packed_training: bool) -> None:
+    """Refuse padding-free training under CUDA graphs: every packed batch has its own token count,
+    so the graph trees would record a new graph on (nearly) every step."""
+    if packed_training and uses_cuda_graphs(cfg):
+        raise ValueError(
+            f"packed_training gives every batch its own token count, so torch_compile_mode="
+            f"{cfg.torch_compile_mode!r} (CUDA graphs, one per shape) would record a graph per step: "
+            "use torch_compile_mode 'default' or switch packed_training off")
+
+
 def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
     """TrainingArguments for ``cfg``; bf16/fp16 are dropped (with a note) where the device lacks them."""
     check_cuda_graph_settings(cfg)

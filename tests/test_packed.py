@@ -204,7 +204,7 @@ def test_biencoder_packed_training_same_loss_and_gradients():
 def test_packed_training_refuses_other_encoders_and_cuda_graphs(tiny_dataset, tiny_bert_dir, tmp_path, monkeypatch):
     from transformers import RobertaConfig, RobertaModel
 
-    from simlm_core import biencoder_training
+    from simlm_core import training
     from simlm_core.biencoder_training import BiencoderTrainArgs, build_trainer
     from simlm_core.modeling.biencoder import BiEncoder
 
@@ -212,7 +212,7 @@ def test_packed_training_refuses_other_encoders_and_cuda_graphs(tiny_dataset, ti
                                          num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match="packed training is not available.*model type 'roberta'"):
         BiEncoder(roberta, packed_training=True)
-    monkeypatch.setattr(biencoder_training, "uses_cuda_graphs", lambda cfg: True)  # as on a GPU
+    monkeypatch.setattr(training, "uses_cuda_graphs", lambda cfg: True)  # as on a GPU
     args = BiencoderTrainArgs(output_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
                               model_name_or_path=str(tiny_bert_dir), corpus_path=str(tiny_dataset.corpus_path),
                               queries_path=str(tiny_dataset.queries_path),

@@ -534,3 +534,13 @@ def test_packed_pretraining_refuses_non_bert_encoders(tiny_encoder_dir):
     model.encoder.bert.config.model_type = "roberta"
     with pytest.raises(ValueError, match="packed training is not available.*roberta"):
         SimLMForPretraining(model.encoder, packed_training=True)
+
+
+def test_packed_pretraining_refuses_cuda_graphs(monkeypatch, tmp_path):
+    from simlm_core import training
+
+    monkeypatch.setattr(training, "uses_cuda_graphs", lambda cfg: True)  # as on a GPU
+    args = PretrainArgs(corpus_path="x", output_dir=str(tmp_path / "o"), work_dir=str(tmp_path / "w"),
+                        packed_training=True, torch_compile_mode="reduce-overhead", gradient_accumulation_steps=1)
+    with pytest.raises(ValueError, match="packed_training gives every batch its own token count"):
+        pretrain(args)

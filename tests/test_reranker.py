@@ -465,3 +465,13 @@ def test_packed_reranker_training_learns(easy_data, tmp_path):
     scores = CrossEncoder.from_pretrained(args.output_dir).score_pairs(
         ["chess", "chess"], ["yes pizza yes", "no chess no"], device="cpu", show_progress=False)
     assert scores[0] > scores[1]
+
+
+def test_packed_reranker_training_refuses_cuda_graphs(monkeypatch, tmp_path):
+    from simlm_core import training
+
+    monkeypatch.setattr(training, "uses_cuda_graphs", lambda cfg: True)  # as on a GPU
+    with pytest.raises(ValueError, match="packed_training gives every batch its own token count"):
+        RerankerTrainArgs(model_name_or_path="m", corpus_path="c", queries_path="q", negatives_path="n",
+                          output_dir=str(tmp_path / "o"), work_dir=str(tmp_path / "w"), packed_training=True,
+                          torch_compile_mode="reduce-overhead")
