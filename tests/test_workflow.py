@@ -191,6 +191,7 @@ def test_paper_configs_do_not_inherit_demo_schedules(name):
         if section == "retriever2" and not cfg["retriever2"]["enabled"] and "num_train_epochs" not in train:
             continue
         assert "num_train_epochs" in train, (name, section)
+        assert train.get("packed_training", False) is False, f"{name}: {section}.train inherits packed_training"
         assert train.get("max_steps", -1) <= 0, f"{name}: {section}.train inherits max_steps {train['max_steps']}"
     assert cfg["reranker"]["train"].get("lr_scheduler_type", "linear") == "linear"
     assert cfg["distill"]["init"] == "pretrain"
