@@ -2,11 +2,11 @@
 
 Why a kernel of our own: corpus passages are short (MS MARCO: ~70 tokens), and variable-length
 flash attention spends most of its time there starting tiles that hold little work: on an H200
-it ran at ~50 TFLOP/s and took 17% of packed encoding's time for 1.5% of its FLOPs; this kernel
-runs the same attention at 96 TFLOP/s (1.9x). Here each program
-takes one text and loops over a group of heads, its query rows in chunks of ``BLOCK_M`` and its
-keys in blocks of ``BLOCK_N`` (online softmax, as in flash attention), so small tiles keep many
-programs resident per SM and nothing runs past a text's end.
+it ran at ~50 TFLOP/s and took 17% of packed encoding's time for 1.5% of its FLOPs. This kernel
+runs the same attention at 96 TFLOP/s (1.9x): each program takes one text and loops over a
+group of heads, its query rows in chunks of ``BLOCK_M`` and its keys in blocks of ``BLOCK_N``
+(online softmax, as in flash attention), so small tiles keep many programs resident per SM and
+nothing runs past a text's end.
 
 Inference only (no dropout, no backward). ``q`` ``[Tq, heads, d]``, ``k``/``v`` ``[Tk, heads, d]``
 (any token and head strides, unit stride over ``d``), ``cu_q``/``cu_k`` int32 ``[N+1]`` offsets
