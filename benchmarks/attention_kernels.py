@@ -20,7 +20,6 @@ On CPU only the SDPA rows run (and the Triton ones under ``TRITON_INTERPRET=1``)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import tempfile
@@ -34,20 +33,11 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model_throughput import make_passages, make_tokenizer, peak_tflops, resolve, sync  # noqa: E402
+from model_throughput import make_passages, make_tokenizer, peak_tflops, resolve, sdpa_context, sync  # noqa: E402
 from simlm_core.modeling.packed import varlen_available, _varlen_attn  # noqa: E402
 from simlm_core.modeling.packed_attention import packed_attention, triton_attention_available  # noqa: E402
 
 DEFAULT_CONFIGS = "64,64,1,4;32,32,1,4;32,64,1,4;64,32,1,4;16,32,1,4;32,32,2,4;64,64,2,4;128,64,1,8;64,128,1,4"
-
-
-def sdpa_context(kernel: str):
-    if kernel == "default":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                         "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[kernel]])
 
 
 def time_it(device: torch.device, fn: Callable[[], Any], repeats: int) -> float:

@@ -848,6 +848,44 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
 
 
 # =============================================================================================
+# (e)-(g) training steps on real lengths: padded batches against packed_training
+def padded_vs_packed(args, device, peak, part: str, label: str, unit: str, items: float, shape: str,
+                     tokens: float, flops: float, padding_fraction: float, lr: float,
+                     build: Callable[[bool], torch.nn.Module],
+                     loss: Callable[[torch.nn.Module, int], torch.Tensor]) -> list[dict]:
+    """Time one training step (``loss(model, i)`` on batch ``i``, backward, AdamW) for the model
+    ``build(packed)`` makes, padded and with ``packed_training``. The batches take turns, so each
+    row reports the mean step time (the best is kept too)."""
+    rows, secs = [], {}
+    for packed in (False, True):
+        model = build(packed).to(device)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                **({"fused": True} if device.type == "cuda" else {}))
+
+        def step(m: torch.nn.Module, i: int) -> None:
+            with autocast(device):
+                value = loss(m, i)
+            value.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for i in range(args.warmup):
+            step(model, i)
+        sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
+        mean = float(np.mean(iter_times))
+        secs[packed] = mean
+        what = f"{label}, real lengths, {'packed_training' if packed else 'padded (default)'}"
+        rows.append(rate_row(part, what, shape, items, unit, tokens, flops, mean, peak,
+                             {"step_seconds_mean": mean, "step_seconds_best": sec, "iteration_seconds": iter_times,
+                              "padding_fraction": padding_fraction}))
+        del model, opt
+    rows[-1]["speedup_vs_padded"] = secs[False] / secs[True]
+    print(f"   packed_training: {secs[False] / secs[True]:.2f}x the padded step's rate", flush=True)
+    return rows
+
+
+# =============================================================================================
 # (e) biencoder training on real passage lengths: padded batches against packed_training
 def bench_biencoder_packed(args, device, size, work: Path, peak) -> list[dict]:
     """The biencoder step on MS MARCO-like lengths (~67 tokens, max 144), where padding each batch to
@@ -881,36 +919,17 @@ def bench_biencoder_packed(args, device, size, work: Path, peak) -> list[dict]:
     shape = (f"{Q} q x group {G}, passages mean {np.mean(p_lens):.0f} / max {np.max(p_lens)} tok, "
              f"{100 * (1 - tokens * n_batches / padded_tokens):.0f}% of padded tokens are padding")
     print(f"   {shape}", flush=True)
-    rows, secs = [], {}
-    for packed in (False, True):
+    def build(packed: bool) -> torch.nn.Module:
         torch.manual_seed(0)
-        model = BiEncoder(BertModel(BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **enc_cfg),
-                                    add_pooling_layer=False), temperature=0.02, packed_training=packed).to(device)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-5, **({"fused": True} if device.type == "cuda" else {}))
+        return BiEncoder(BertModel(BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **enc_cfg),
+                                   add_pooling_layer=False), temperature=0.02, packed_training=packed)
 
-        def step(m: torch.nn.Module, i: int) -> None:
-            q, p = batches[i % n_batches]
-            with autocast(device):
-                loss = m(query=q, passage=p).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def loss(m: torch.nn.Module, i: int) -> torch.Tensor:
+        q, p = batches[i % n_batches]
+        return m(query=q, passage=p).loss
 
-        for i in range(args.warmup):
-            step(model, i)
-        sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
-        # the same batches in turn, so best-of is over a mix; report the mean too
-        mean = float(np.mean(iter_times))
-        secs[packed] = mean
-        what = f"BiEncoder step, real lengths, {'packed_training' if packed else 'padded (default)'}"
-        rows.append(rate_row("biencoder-packed", what, shape, Q, "query", tokens, flops, mean, peak,
-                             {"step_seconds_mean": mean, "step_seconds_best": sec, "iteration_seconds": iter_times,
-                              "padding_fraction": 1 - tokens * n_batches / padded_tokens}))
-        del model, opt
-    rows[-1]["speedup_vs_padded"] = secs[False] / secs[True]
-    print(f"   packed_training: {secs[False] / secs[True]:.2f}x the padded step's rate", flush=True)
-    return rows
+    return padded_vs_packed(args, device, peak, "biencoder-packed", "BiEncoder step", "query", Q, shape, tokens,
+                            flops, 1 - tokens * n_batches / padded_tokens, 2e-5, build, loss)
 
 
 # =============================================================================================
@@ -950,33 +969,17 @@ def bench_rerank_train_packed(args, device, size, work: Path, peak) -> list[dict
     base = ElectraForSequenceClassification(ElectraConfig(vocab_size=VOCAB, max_position_embeddings=512,
                                                           embedding_size=enc_cfg["hidden_size"], num_labels=1,
                                                           **enc_cfg))
-    rows, secs = [], {}
-    for packed in (False, True):
-        model = copy.deepcopy(base).to(device).train()
+    def build(packed: bool) -> torch.nn.Module:
+        model = copy.deepcopy(base)
         if packed:
             pack_encoder_forward(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-5, **({"fused": True} if device.type == "cuda" else {}))
+        return model
 
-        def step(m: torch.nn.Module, i: int) -> None:
-            with autocast(device):
-                loss = group_loss(m, batches[i % n_batches], rdrop_alpha=0.0)["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def loss(m: torch.nn.Module, i: int) -> torch.Tensor:
+        return group_loss(m, batches[i % n_batches], rdrop_alpha=0.0)["loss"]
 
-        for i in range(args.warmup):
-            step(model, i)
-        sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
-        mean = float(np.mean(iter_times))
-        secs[packed] = mean
-        what = f"re-ranker group-loss step, real lengths, {'packed_training' if packed else 'padded (default)'}"
-        rows.append(rate_row("rerank-train-packed", what, shape, Q * G, "pair", tokens, flops, mean, peak,
-                             {"step_seconds_mean": mean, "step_seconds_best": sec, "iteration_seconds": iter_times,
-                              "padding_fraction": 1 - tokens * n_batches / padded_tokens}))
-        del model, opt
-    rows[-1]["speedup_vs_padded"] = secs[False] / secs[True]
-    print(f"   packed_training: {secs[False] / secs[True]:.2f}x the padded step's rate", flush=True)
-    return rows
+    return padded_vs_packed(args, device, peak, "rerank-train-packed", "re-ranker group-loss step", "pair", Q * G,
+                            shape, tokens, flops, 1 - tokens * n_batches / padded_tokens, 3e-5, build, loss)
 
 
 # =============================================================================================
@@ -1016,34 +1019,15 @@ def bench_pretrain_packed(args, device, size, work: Path, peak) -> list[dict]:
     torch.manual_seed(0)
     encoder = BertForMaskedLM(BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **enc_cfg))
     generator = ElectraForMaskedLM(ElectraConfig(vocab_size=VOCAB, max_position_embeddings=512, **gen_cfg)).to(device)
-    rows, secs = [], {}
-    for packed in (False, True):
-        model = SimLMForPretraining(copy.deepcopy(encoder), replacer=GeneratorReplacer(generator), decoder_layers=2,
-                                    packed_training=packed).to(device)
-        model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4,
-                                **({"fused": True} if device.type == "cuda" else {}))
+    def build(packed: bool) -> torch.nn.Module:
+        return SimLMForPretraining(copy.deepcopy(encoder), replacer=GeneratorReplacer(generator), decoder_layers=2,
+                                   packed_training=packed)
 
-        def step(m: torch.nn.Module, i: int) -> None:
-            with autocast(device):
-                loss = m(**batches[i % n_batches]).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def loss(m: torch.nn.Module, i: int) -> torch.Tensor:
+        return m(**batches[i % n_batches]).loss
 
-        for i in range(args.warmup):
-            step(model, i)
-        sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
-        mean = float(np.mean(iter_times))
-        secs[packed] = mean
-        what = f"SimLM RLM step, real lengths, {'packed_training' if packed else 'padded (default)'}"
-        rows.append(rate_row("pretrain-packed", what, shape, B, "psg", tokens, flops, mean, peak,
-                             {"step_seconds_mean": mean, "step_seconds_best": sec, "iteration_seconds": iter_times,
-                              "padding_fraction": 1 - tokens * n_batches / padded_tokens}))
-        del model, opt
-    rows[-1]["speedup_vs_padded"] = secs[False] / secs[True]
-    print(f"   packed_training: {secs[False] / secs[True]:.2f}x the padded step's rate", flush=True)
-    return rows
+    return padded_vs_packed(args, device, peak, "pretrain-packed", "SimLM RLM step", "psg", B, shape, tokens, flops,
+                            1 - tokens * n_batches / padded_tokens, 3e-4, build, loss)
 
 
 # =============================================================================================
