@@ -373,6 +373,19 @@ def kernel_classes(prof: Any, calls: int) -> str:
     return f"   device time per call by kernel class (total {whole / calls / 1e3:.2f} ms): " + "; ".join(parts)
 
 
+def optimizer_step(device: torch.device, opt: torch.optim.Optimizer,
+                   loss: Callable[[torch.nn.Module, int], torch.Tensor]) -> Callable[[torch.nn.Module, int], None]:
+    """A training step ``step(model, i)``: ``loss(model, i)`` under autocast, backward, ``opt`` step."""
+    def step(m: torch.nn.Module, i: int) -> None:
+        with autocast(device):
+            value = loss(m, i)
+        value.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def autocast(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -724,12 +737,7 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0, **({"fused": True} if device.type == "cuda" else {}))
 
-    def step(m: torch.nn.Module, i: int) -> None:
-        with autocast(device):
-            loss = m(**batches[i % len(batches)]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = optimizer_step(device, opt, lambda m, i: m(**batches[i % len(batches)]).loss)
 
     for i in range(args.warmup):
         step(model, i)
@@ -814,13 +822,7 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
 
     batches = [(inputs(Q, lq), inputs(Q * G, lp)) for _ in range(2)]
 
-    def step(m: torch.nn.Module, i: int) -> None:
-        q, p = batches[i % 2]
-        with autocast(device):
-            loss = m(query=q, passage=p).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = optimizer_step(device, opt, lambda m, i: m(query=batches[i % 2][0], passage=batches[i % 2][1]).loss)
 
     for i in range(args.warmup):
         step(model, i)
@@ -863,13 +865,7 @@ def padded_vs_packed(args, device, peak, part: str, label: str, unit: str, items
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 **({"fused": True} if device.type == "cuda" else {}))
 
-        def step(m: torch.nn.Module, i: int) -> None:
-            with autocast(device):
-                value = loss(m, i)
-            value.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = optimizer_step(device, opt, loss)
         for i in range(args.warmup):
             step(model, i)
         sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
