@@ -66,7 +66,7 @@ class BiencoderTrainArgs(TrainConfig):
     gather_across_ranks: bool = True
     """Under DDP, use every rank's passages as in-batch negatives (global batch)."""
     packed_training: bool = False
-    """Run the encoder padding-free (each batch's tokens in one row; BERT encoders only): the same
+    """Run the encoder padding-free (each batch's tokens in one row; BERT and ELECTRA encoders): the same
     model and loss, without the padding's compute (simlm_core.modeling.packed). Not with CUDA graphs."""
 
     @property

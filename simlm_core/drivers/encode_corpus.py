@@ -40,7 +40,7 @@ class EncodeCorpusArgs:
     compile: bool = False
     """torch.compile the encoder (GPU; widths padded to x8)."""
     packed: bool | None = None
-    """Encode padding-free (each batch's tokens in one row; BERT encoders only). None: where possible."""
+    """Encode padding-free (each batch's tokens in one row; BERT and ELECTRA encoders). None: where possible."""
     gelu_epilogue: bool | None = None
     """Packed only: the feed-forward GELU (tanh form) in the GEMM epilogue (GPU speed; not bit-exact).
     None: where the packed encoder runs in bf16 on a GPU (the forms differ below bf16's resolution)."""

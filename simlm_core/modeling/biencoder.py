@@ -272,13 +272,11 @@ class BiEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.packed_training = bool(packed_training)
         if self.packed_training:
-            from simlm_core.modeling.packed import PackedBertEncoder, packed_support
+            from simlm_core.modeling.packed import PackedBertEncoder
 
-            reason = packed_support(encoder)
-            if reason is not None:
-                raise ValueError(f"packed training is not available for this encoder: {reason}")
-            # Kept out of the module tree: it shares every weight with ``encoder`` (no state of
-            # its own to save or move), and registering it would list each weight twice.
+            # Raises, naming the reason, for an encoder it cannot pack. Kept out of the module tree:
+            # it shares every weight with ``encoder`` (no state of its own to save or move), and
+            # registering it would list each weight twice.
             object.__setattr__(self, "_packed_encoder",
                                PackedBertEncoder(encoder, pooling=pooling, trainable=True))
         # BERT-style encoders carry a pooler (dense + tanh over [CLS]) that our pooling never

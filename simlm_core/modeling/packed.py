@@ -142,7 +142,8 @@ class PackedBertEncoder(nn.Module):
         super().__init__()
         reason = packed_support(bert)
         if reason is not None:
-            raise ValueError(f"cannot pack this encoder: {reason}")
+            raise ValueError(f"packed {'training' if trainable else 'encoding'} is not available for this "
+                             f"encoder: {reason}")
         if pooling not in ("cls", "mean", "tokens"):
             raise ValueError(f"pooling must be 'cls', 'mean' or 'tokens', got {pooling!r}")
         if attention not in ("auto", "varlen", "triton", "padded"):

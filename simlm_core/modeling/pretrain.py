@@ -316,12 +316,10 @@ class SimLMForPretraining(nn.Module):
         self.pooler_state = pooler_state or _fresh_pooler(encoder.config)
         self.packed_training = bool(packed_training)
         if self.packed_training:
-            from simlm_core.modeling.packed import PackedBertEncoder, packed_support
+            from simlm_core.modeling.packed import PackedBertEncoder
 
-            reason = packed_support(encoder.bert)
-            if reason is not None:
-                raise ValueError(f"packed training is not available for this encoder: {reason}")
-            # Out of the module tree: it shares every weight with ``encoder`` (nothing to save or move).
+            # Raises, naming the reason, for an encoder it cannot pack. Out of the module tree: it
+            # shares every weight with ``encoder`` (nothing to save or move).
             object.__setattr__(self, "_packed_encoder", PackedBertEncoder(encoder.bert, pooling="tokens",
                                                                           trainable=True))
 
