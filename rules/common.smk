@@ -166,6 +166,10 @@ def work_dir(stage, args):
     return out("_work", f"{stage}-{digest}")
 
 
+# The fused dropout-add-LayerNorm kernel (train sections' `fused_norm`), code of every trainer.
+FUSED_NORM_CODE = ("modeling/fused_norm.py", "modeling/_fused_norm_kernels.py", "modeling/triton_support.py")
+
+
 def train_args(stage, section, **paths):
     """The driver's arguments: a stage's config section plus artifact paths and the seed."""
     args = {"seed": SEED, **section, **paths}

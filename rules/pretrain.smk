@@ -37,7 +37,7 @@ rule train_generator:
     input:
         corpus=corpus_path(),
         tokenizer=local_model_inputs(base_encoder()),
-        code=core("pretraining.py", "training.py", "drivers/train_generator.py"),
+        code=core("pretraining.py", "training.py", "drivers/train_generator.py", *FUSED_NORM_CODE),
     output:
         directory(generator_dir()),
     params:
@@ -79,6 +79,7 @@ rule pretrain:
         code=core(
             "modeling/pretrain.py", "pretraining.py", "training.py", "drivers/pretrain.py",
             "modeling/packed.py", "modeling/packed_attention.py",  # packed_training
+            *FUSED_NORM_CODE,
         ),
     output:
         directory(pretrain_checkpoint()),

@@ -4,6 +4,7 @@
 RERANKER_CODE = core(
     "modeling/reranker.py", "reranker_training.py", "losses.py", "training.py",
     "modeling/packed.py", "modeling/packed_attention.py",  # packed_training
+    *FUSED_NORM_CODE,
     "drivers/train_reranker.py",
 )
 
@@ -53,7 +54,7 @@ rule rerank:
         queries=queries_path("{split}"),
         run=run_path("retriever1", "{split}"),
         code=core("rerank.py", "modeling/reranker.py", "modeling/packed.py", "modeling/packed_attention.py",
-                  "tokenized.py", "drivers/rerank.py"),
+                  "modeling/triton_support.py", "tokenized.py", "drivers/rerank.py"),
     output:
         run=run_path("reranker", "{split}"),
     params:
@@ -93,7 +94,7 @@ rule score_teacher_shard:
         queries=queries_path(TRAIN_SPLIT),
         negatives=negatives_path("retriever1"),
         code=core("rerank.py", "modeling/reranker.py", "modeling/packed.py", "modeling/packed_attention.py",
-                  "tokenized.py", "drivers/score_teacher.py"),
+                  "modeling/triton_support.py", "tokenized.py", "drivers/score_teacher.py"),
     output:
         scores=teacher_shard_path("{shard}"),
     params:

@@ -11,6 +11,7 @@ BIENCODER_CODE = core(
     "biencoder_training.py",
     "training.py",
     "drivers/train_biencoder.py",
+    *FUSED_NORM_CODE,
 )
 
 
@@ -141,7 +142,7 @@ rule encode_shard:
         model=checkpoint_dir("{system}"),
         corpus=corpus_path(),
         code=core("encode.py", "collators.py", "tokenized.py", "modeling/biencoder.py", "modeling/packed.py",
-                  "modeling/packed_attention.py", "drivers/encode_corpus.py"),
+                  "modeling/packed_attention.py", "modeling/triton_support.py", "drivers/encode_corpus.py"),
     output:
         embeddings=embedding_shard_path("{system}", "{shard}", ".npy"),
         ids=embedding_shard_path("{system}", "{shard}", ".ids.parquet"),

@@ -51,6 +51,10 @@ class TrainConfig:
     1,756 vs 1,430 compiled without graphs; pre-training then pads every batch to ``max_len`` so
     the graphs see one shape). Needs ``gradient_accumulation_steps: 1`` (checked before
     training). None / "default": torch's default."""
+    fused_norm: bool = False
+    """Run every BERT/ELECTRA sublayer's dropout + residual add + LayerNorm as one Triton kernel,
+    forward and backward (:mod:`simlm_core.modeling.fused_norm`; CUDA with Triton, torch ops
+    elsewhere): the same model, with the kernel's own dropout bits."""
     save_steps: int = 500
     save_total_limit: int = 2
     logging_steps: int = 50
@@ -194,6 +198,22 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def fuse_norms(model: torch.nn.Module) -> int:
+    """``fused_norm``: switch ``model``'s sublayer outputs to the fused kernel, saying how many and where."""
+    from simlm_core.modeling.fused_norm import fuse_dropout_add_layer_norm, fused_norm_available
+
+    count = fuse_dropout_add_layer_norm(model)
+    if count == 0:
+        raise ValueError(f"fused_norm: {type(model).__name__} has no BERT-like sublayer outputs "
+                         "(dense, dropout, LayerNorm) to fuse")
+    device = next(model.parameters()).device
+    if torch.cuda.is_available():
+        device = torch.device("cuda")  # the Trainer moves the model there
+    where = "the Triton kernel" if fused_norm_available(device) else f"torch ops (no Triton kernel on {device.type})"
+    print(f"[simlm] fused_norm: {count} dropout-add-LayerNorm blocks run on {where}")
+    return count
+
+
 def train_and_save(
     trainer: Trainer,
     cfg: TrainConfig,
@@ -205,6 +225,8 @@ def train_and_save(
     to ``cfg.output_dir`` once complete. The log history is saved beside it as
     ``training_log.json`` so loss curves are part of the artifact.
     """
+    if cfg.fused_norm:
+        fuse_norms(trainer.model)
     resume = last_checkpoint(cfg.work_dir)
     if resume:
         print(f"[simlm] resuming from {resume}")

@@ -138,8 +138,11 @@ def test_driver_rejects_unknown_keys():
         main(["--args-json", json.dumps({"bogus": 1})])
 
 
-def test_packed_training_learns_and_saves_the_same_model_format(tiny_dataset, tiny_bert_dir, tmp_path):
-    result = train_biencoder(BiencoderTrainArgs(**_args(tiny_dataset, tiny_bert_dir, tmp_path, packed_training=True)))
+def test_packed_training_with_fused_norm_learns_and_saves_the_same_model_format(tiny_dataset, tiny_bert_dir,
+                                                                                tmp_path, capsys):
+    result = train_biencoder(BiencoderTrainArgs(**_args(tiny_dataset, tiny_bert_dir, tmp_path, packed_training=True,
+                                                        fused_norm=True)))
+    assert "fused_norm: 4 dropout-add-LayerNorm blocks run on torch ops" in capsys.readouterr().out
     out = tmp_path / "out"
     assert result["global_step"] == 50
     losses = _losses(out)

@@ -1,7 +1,8 @@
-"""Run the packed-attention Triton kernel in Triton's CPU interpreter; print one JSON of results.
+"""Run our Triton kernels in Triton's CPU interpreter; print one JSON of results.
 
-Started by tests/test_packed_attention.py in a child process, because ``TRITON_INTERPRET=1``
-must be set before the kernel is built and must not leak into other tests.
+Started by tests/test_packed_attention.py (parts ``kernel``, ``encoder``) and
+tests/test_fused_norm.py (part ``fused_norm``) in a child process, because ``TRITON_INTERPRET=1``
+must be set before a kernel is built and must not leak into other tests.
 """
 from __future__ import annotations
 
@@ -82,6 +83,109 @@ def encoder_errors() -> dict:
     return out
 
 
+def fused_norm_checks() -> dict:
+    """The dropout-add-LayerNorm kernel against torch's ops on the kernel's own keep-mask; its
+    dropout rate; and BERTs switched over to it (eager, packed, compiled) against transformers'."""
+    from simlm_core.modeling.fused_norm import (_drop_threshold, _fused_forward, dropout_add_layer_norm,
+                                                dropout_keep_mask, fuse_dropout_add_layer_norm)
+
+    torch.manual_seed(0)
+    out: dict = {"errors": {}}
+    # x in the sublayer's dtype; the residual stream in fp32 (autocast) or x's dtype. bf16 is fine
+    # here: only the interpreter's bf16 tl.dot is wrong, and this kernel has no dot.
+    cases = [(36, torch.float32, torch.float32), (64, torch.float16, torch.float32),
+             (96, torch.bfloat16, torch.bfloat16), (768, torch.float32, torch.float32)]
+    for hidden, x_dtype, r_dtype in cases:
+        rows = 29
+        x = torch.randn(rows, hidden).to(x_dtype).requires_grad_()
+        r = torch.randn(rows, hidden).to(r_dtype).requires_grad_()
+        w = (1 + 0.2 * torch.randn(hidden)).requires_grad_()
+        b = (0.2 * torch.randn(hidden)).requires_grad_()
+        seed = torch.tensor([987654321987], dtype=torch.int64)
+        for p in (0.0, 0.1):
+            y = _fused_forward(x, r, w, b, seed, 1e-12, p)
+            keep = dropout_keep_mask(seed, rows, hidden, p)
+            _, scale = _drop_threshold(p)
+            ref = F.layer_norm(torch.where(keep, x.float() * scale, 0.0) + r.float(), (hidden,), w, b, 1e-12)
+            grad = torch.randn(rows, hidden)
+            got_g = torch.autograd.grad(y, (x, r, w, b), grad)
+            ref_g = torch.autograd.grad(ref, (x, r, w, b), grad)
+            key = f"{hidden} {str(x_dtype).split('.')[-1]}/{str(r_dtype).split('.')[-1]} p={p}"
+            out["errors"][key] = {
+                "y": float((y.float() - ref).abs().max().detach()), "dtype": str(y.dtype),
+                **{f"d{n}": float((g.float() - gr.float()).abs().max() / (gr.float().abs().max() + 1e-12))
+                   for n, g, gr in zip("xrwb", got_g, ref_g)},
+                "grad_dtypes_match": all(g.dtype == t.dtype for g, t in zip(got_g, (x, r, w, b))),
+            }
+    seed = torch.tensor([5], dtype=torch.int64)
+    big = dropout_keep_mask(seed, 256, 768, 0.1)
+    out["drop_rate"] = 1 - float(big.float().mean())
+    out["same_seed_same_mask"] = bool(torch.equal(big, dropout_keep_mask(seed, 256, 768, 0.1)))
+    out["other_seed_overlap"] = float((big == dropout_keep_mask(torch.tensor([6]), 256, 768, 0.1)).float().mean())
+    out["rows_differ"] = not torch.equal(big[0], big[1])
+    x, r = torch.randn(7, 32), torch.randn(7, 32)
+    w, b = torch.ones(32), torch.zeros(32)
+    out["eval_error"] = float((dropout_add_layer_norm(x, r, w, b, 1e-5, 0.1, training=False)
+                               - F.layer_norm(x + r, (32,), w, b, 1e-5)).abs().max())
+    out["bert"] = _fused_bert_errors(fuse_dropout_add_layer_norm)
+    return out
+
+
+def _fused_bert_errors(fuse) -> dict:
+    """A tiny BERT in train mode, switched over to the fused kernel: at dropout 0 its loss and
+    gradients equal transformers' (padded and packed forward, eager and compiled); at 0.1 it trains."""
+    import copy
+
+    from transformers import BertConfig, BertModel
+
+    from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    plain = BertModel(cfg, add_pooling_layer=False).train()
+    fused = copy.deepcopy(plain)
+    result = {"switched": fuse(fused), "switched_again": fuse(fused)}
+    lengths = torch.tensor([5, 11, 2])
+    ids = torch.randint(5, 120, (lengths.numel(), int(lengths.max())))
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+
+    def loss_and_grads(model, run):
+        model.zero_grad(set_to_none=True)
+        loss = run(model).pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}
+
+    def padded(model):
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+
+    batch = PackedBatch.from_padded(ids, mask)
+
+    def packed(model):
+        return PackedBertEncoder(model, pooling="cls", trainable=True).encode(batch)
+
+    ref_loss, ref_grads = loss_and_grads(plain, padded)
+    for name, model, run in [("padded", fused, padded), ("packed", fused, packed),
+                             ("compiled", torch.compile(fused, dynamic=True), padded)]:
+        loss, grads = loss_and_grads(model, run)
+        result[name] = {"loss": float((loss - ref_loss).abs()),
+                        "grads": max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()),
+                        "same_grad_names": sorted(grads) == sorted(ref_grads)}
+    for module in fused.modules():  # BERT's default dropout: it trains, with the kernel's masks
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    opt = torch.optim.SGD(fused.parameters(), lr=0.05)
+    losses = []
+    for _ in range(5):
+        loss, _ = loss_and_grads(fused, padded)
+        opt.step()
+        losses.append(float(loss))
+    result["dropout_losses"] = losses
+    return result
+
+
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["kernel", "encoder"]
     result = {}
@@ -89,4 +193,6 @@ if __name__ == "__main__":
         result["kernel"] = kernel_errors()
     if "encoder" in parts:
         result["encoder"] = encoder_errors()
+    if "fused_norm" in parts:
+        result["fused_norm"] = fused_norm_checks()
     print(json.dumps(result))

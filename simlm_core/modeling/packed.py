@@ -232,8 +232,7 @@ class PackedBertEncoder(nn.Module):
             h = torch._addmm_activation(inter.bias, x, inter.weight.t(), use_gelu=True)
         else:
             h = self.act(inter(x))
-        out = layer.output
-        return out.LayerNorm(out.dropout(out.dense(h)) + x)
+        return layer.output(h, x)  # dense, dropout, residual add, LayerNorm (fused_norm may have fused them)
 
     def _layer(self, i: int, layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
                cu_seqlens: torch.Tensor, max_len: int, cls_only: bool) -> torch.Tensor:
@@ -247,8 +246,7 @@ class PackedBertEncoder(nn.Module):
         dropout_p = self_attn.dropout.p if self_attn.training else 0.0
         ctx = self._attend(q, k, v, positions, seq_index, cu_seqlens, max_len, cls_only,
                            dropout_p).reshape(x.shape[0], -1)
-        attn_out = layer.attention.output
-        x = attn_out.LayerNorm(attn_out.dropout(attn_out.dense(ctx)) + x)
+        x = layer.attention.output(ctx, x)  # BertSelfOutput: dense, dropout, residual add, LayerNorm
         return self._feed_forward(layer, x)
 
     def _run(self, i: int, layer: nn.Module, x: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,

@@ -18,10 +18,11 @@ importable); with ``TRITON_INTERPRET=1`` the kernel also runs on CPU tensors (fo
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
+
+from simlm_core.modeling.triton_support import triton_available, triton_modules
 
 __all__ = ["packed_attention", "triton_attention_available", "DEFAULT_BLOCKS"]
 
@@ -31,24 +32,9 @@ __all__ = ["packed_attention", "triton_attention_available", "DEFAULT_BLOCKS"]
 DEFAULT_BLOCKS: tuple[int, int, int, int] = (64, 32, 1, 4)
 
 
-def _triton() -> Any:
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-    return triton, tl
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_attention_available(device: torch.device) -> bool:
     """Whether :func:`packed_attention` can run on ``device`` (CUDA with Triton, or the interpreter)."""
-    if _triton() is None:
-        return False
-    return device.type == "cuda" or _interpreting()
+    return triton_available(device)
 
 
 _KERNEL: Any = None
@@ -59,7 +45,7 @@ def _kernel() -> Any:
     global _KERNEL
     if _KERNEL is not None:
         return _KERNEL
-    found = _triton()
+    found = triton_modules()
     if found is None:
         raise RuntimeError("packed attention needs Triton (pip install triton; CUDA)")
     triton, tl = found
