@@ -8,6 +8,8 @@
 #                  paths. "shard" is shard_profile.py: encode_corpus_shard timed and profiled.
 #                  "attention" is attention_kernels.py; its best Triton blocks go to later parts.
 #                  "biencoder-packed": the biencoder step on real passage lengths, padded vs packed_training.
+#                  "norm" is norm_kernels.py: dropout-add-LayerNorm, torch vs inductor vs our fused kernel.
+#                  Any training part with "-fused" appended (e.g. "biencoder-fused") runs with --fused-norm 1.
 #   PACKED_ATTENTION  the packed encoder's attention kernels to time (default "auto"; e.g. "varlen,triton")
 #   TRITON_BLOCKS  the Triton attention kernel's blocks (default: the "attention" part's best)
 #   COMPILE_MODES  torch.compile modes of the compiled variants (default "default"); per part:
@@ -58,6 +60,15 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
     [ -n "$best" ] && TRITON_BLOCKS="${TRITON_BLOCKS:-$best}"
     continue
   fi
+  if [ "$part" = norm ]; then
+    cap="${CAP_norm:-90}"
+    echo "== norm (cap ${cap}s)"
+    timeout "$cap" python3 benchmarks/norm_kernels.py --device cuda --out "$out/norm_kernels-cuda.json" \
+      > "$out/norm_kernels-cuda.log" 2>&1
+    echo "   exit $?"
+    grep "^   \|^fused" "$out/norm_kernels-cuda.log"
+    continue
+  fi
   if [ "$part" = shard ]; then
     cap_var="CAP_shard"; cap="${!cap_var:-120}"
     echo "== shard (cap ${cap}s)"
@@ -66,7 +77,10 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
     grep "psg/s" "$out/shard_profile-cuda.log"
     continue
   fi
-  case $part in
+  fused=""
+  base=$part
+  if [ "${part%-fused}" != "$part" ]; then fused="--fused-norm 1"; base=${part%-fused}; fi
+  case $base in
     encode) cap=200; args="--parts encode";;
     encode-bare) cap=150; args="--parts encode --encode-pipeline 0";;
     biencoder) cap=140; args="--parts biencoder";;
@@ -77,13 +91,16 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
     rerank) cap=90; args="--parts rerank";;
     *) echo "unknown part $part"; continue;;
   esac
+  base_key=${base//-/_}  # a "-fused" part takes its base part's CAP_/MODES_/EXTRA_ unless it has its own
   cap_var="CAP_$key"; modes_var="MODES_$key"; extra_var="EXTRA_$key"
-  cap="${!cap_var:-$cap}"; modes="${!modes_var:-${COMPILE_MODES:-default}}"
+  base_cap="CAP_$base_key"; base_modes="MODES_$base_key"; base_extra="EXTRA_$base_key"
+  cap="${!cap_var:-${!base_cap:-$cap}}"; modes="${!modes_var:-${!base_modes:-${COMPILE_MODES:-default}}}"
+  args="$args $fused"
   echo "== $part (cap ${cap}s, compile modes $modes)"
   # shellcheck disable=SC2086  # $args and EXTRA_* are word lists
   timeout "$cap" python3 benchmarks/model_throughput.py --device cuda $args --compile-modes "$modes" \
     --profile "${PROFILE:-0}" --packed-attention "${PACKED_ATTENTION:-auto}" \
-    ${TRITON_BLOCKS:+--triton-blocks "$TRITON_BLOCKS"} ${!extra_var:-} --out "$out/model_throughput-cuda-$part.json" \
+    ${TRITON_BLOCKS:+--triton-blocks "$TRITON_BLOCKS"} ${!extra_var:-${!base_extra:-}} --out "$out/model_throughput-cuda-$part.json" \
     > "$out/model_throughput-cuda-$part.log" 2>&1
   echo "   exit $?"
   grep -v "^|--\|Loading weights\|Writing model" "$out/model_throughput-cuda-$part.log" | grep "^   \|^| \|FAILED\|Error" | grep -v "^   profile\|^  *[-=]\{5\}" | head -40

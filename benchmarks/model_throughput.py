@@ -347,6 +347,7 @@ def profile_top(device: torch.device, label: str, fn: Callable[[], None], top: i
 
 
 KERNEL_CLASSES = [  # (class, name fragments), first match wins
+    ("dropout-add-LayerNorm (ours)", ("dropout_add_layer_norm",)),
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "triton_mm", "cublas", "splitk", "tst_")),
     ("optimizer", ("multi_tensor", "adam", "foreach")),
@@ -384,6 +385,20 @@ def optimizer_step(device: torch.device, opt: torch.optim.Optimizer,
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def maybe_fuse_norms(args, model: torch.nn.Module) -> str:
+    """``--fused-norm 1``: the model's dropout-add-LayerNorms on the fused kernel (the ``fused_norm``
+    train setting); returns the row-label suffix."""
+    if not args.fused_norm:
+        return ""
+    from simlm_core.modeling.fused_norm import fuse_dropout_add_layer_norm, fused_norm_available
+
+    count = fuse_dropout_add_layer_norm(model)
+    device = next(model.parameters()).device
+    where = "Triton" if fused_norm_available(device) else "torch ops"
+    print(f"   fused_norm: {count} dropout-add-LayerNorm blocks on {where}", flush=True)
+    return ", fused_norm"
 
 
 def autocast(device: torch.device):
@@ -734,6 +749,7 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     model = SimLMForPretraining(encoder, replacer=GeneratorReplacer(generator), decoder_layers=2).to(device)
     generator.to(device)
     model.train()
+    fused = maybe_fuse_norms(args, model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0, **({"fused": True} if device.type == "cuda" else {}))
 
@@ -755,7 +771,7 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     flops = 3 * (enc_f + dec_f) + gen_f
     tokens = float(B * s)
     n_params = sum(p.numel() for p in params)
-    row = rate_row("pretrain", "SimLM RLM step (fwd+bwd+AdamW)", f"{B} x {s}, gen frozen", B, "psg", tokens,
+    row = rate_row("pretrain", f"SimLM RLM step (fwd+bwd+AdamW){fused}", f"{B} x {s}, gen frozen", B, "psg", tokens,
                    flops, sec, peak, {
                        "step_seconds": sec, "steps_per_s": 1 / sec, "trainable_params": n_params,
                        "iteration_seconds": iter_times,
@@ -769,7 +785,7 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     rows = [row]
     for mode, backend, sec_c, compile_s in compiled_rows:
         what = (f"SimLM RLM step{tag('default', backend)}" if mode == "eager"
-                else f"SimLM RLM step, torch.compile(model){tag(mode, backend)}")
+                else f"SimLM RLM step, torch.compile(model){tag(mode, backend)}") + fused
         rows.append(rate_row("pretrain", what, f"{B} x {s}, gen frozen", B, "psg", tokens, flops, sec_c, peak,
                              {"step_seconds": sec_c, "compile_seconds": compile_s}))
     del model, opt, encoder, generator, batches
@@ -807,6 +823,7 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
     model = BiEncoder(BertModel(BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **enc_cfg)),
                       temperature=0.02).to(device)
     model.train()
+    fused = maybe_fuse_norms(args, model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5, **({"fused": True} if device.type == "cuda" else {}))
     gen = torch.Generator().manual_seed(0)
@@ -832,7 +849,7 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
     fwd += 2 * Q * (Q * G) * enc_cfg["hidden_size"]  # score matrix
     flops = 3 * fwd
     tokens = float(Q * lq + Q * G * lp)
-    row = rate_row("biencoder", "BiEncoder step (fwd+bwd+AdamW)", f"{Q} q x group {G}, q {lq} / p {lp}", Q, "query",
+    row = rate_row("biencoder", f"BiEncoder step (fwd+bwd+AdamW){fused}", f"{Q} q x group {G}, q {lq} / p {lp}", Q, "query",
                    tokens, flops, sec, peak, {
                        "step_seconds": sec, "steps_per_s": 1 / sec, "passages_per_s": Q * G / sec,
                        "iteration_seconds": iter_times,
@@ -841,7 +858,7 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
     rows = [row]
     for mode, backend, sec_c, compile_s in compiled_rows:
         what = (f"BiEncoder step{tag('default', backend)}" if mode == "eager"
-                else f"BiEncoder step, torch.compile(model){tag(mode, backend)}")
+                else f"BiEncoder step, torch.compile(model){tag(mode, backend)}") + fused
         rows.append(rate_row("biencoder", what,
                              f"{Q} q x group {G}, q {lq} / p {lp}", Q, "query", tokens, flops, sec_c, peak,
                              {"step_seconds": sec_c, "compile_seconds": compile_s}))
@@ -862,6 +879,7 @@ def padded_vs_packed(args, device, peak, part: str, label: str, unit: str, items
     for packed in (False, True):
         model = build(packed).to(device)
         model.train()
+        fused = maybe_fuse_norms(args, model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 **({"fused": True} if device.type == "cuda" else {}))
 
@@ -871,7 +889,7 @@ def padded_vs_packed(args, device, peak, part: str, label: str, unit: str, items
         sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
         mean = float(np.mean(iter_times))
         secs[packed] = mean
-        what = f"{label}, real lengths, {'packed_training' if packed else 'padded (default)'}"
+        what = f"{label}, real lengths, {'packed_training' if packed else 'padded (default)'}{fused}"
         rows.append(rate_row(part, what, shape, items, unit, tokens, flops, mean, peak,
                              {"step_seconds_mean": mean, "step_seconds_best": sec, "iteration_seconds": iter_times,
                               "padding_fraction": padding_fraction}))
@@ -1126,6 +1144,8 @@ def main() -> None:
                          "triton (simlm_core.modeling.packed_attention), padded")
     ap.add_argument("--triton-blocks", default=",".join(map(str, DEFAULT_BLOCKS)),
                     help="the Triton attention kernel's BLOCK_M,BLOCK_N,heads per program,warps")
+    ap.add_argument("--fused-norm", type=int, default=0,
+                    help="training parts: dropout-add-LayerNorm on the fused Triton kernel (the fused_norm setting)")
     ap.add_argument("--profile", type=int, default=0,
                     help="cuda: print this many top kernels (by device time) of each compiled variant (0: off)")
     ap.add_argument("--cpu-bf16-probe", type=int, default=1, help="cpu: also time the bare loop under bf16 autocast (0: off)")

@@ -34,7 +34,7 @@ def normalise(x, r, ok, H, eps):
     return d * rstd, rstd
 
 @triton.jit
-def forward(X, R, W, B, Y, SEED, H, eps, threshold, scale,
+def dropout_add_layer_norm_fwd(X, R, W, B, Y, SEED, H, eps, threshold, scale,
             G: tl.constexpr, DROPOUT: tl.constexpr):
     row = tl.program_id(0)
     g, j, col, ok = row_tile(H, G)
@@ -49,7 +49,7 @@ def forward(X, R, W, B, Y, SEED, H, eps, threshold, scale,
     tl.store(Y + base + col, (xhat * w + b).to(Y.dtype.element_ty), mask=ok)
 
 @triton.jit
-def backward(DY, X, R, W, SEED, DX, DR, DW_PART, DB_PART, T, H, eps, threshold, scale, rows_per_program,
+def dropout_add_layer_norm_bwd(DY, X, R, W, SEED, DX, DR, DW_PART, DB_PART, T, H, eps, threshold, scale, rows_per_program,
              G: tl.constexpr, DROPOUT: tl.constexpr):
     pid = tl.program_id(0)
     g, j, col, ok = row_tile(H, G)
@@ -81,7 +81,7 @@ def backward(DY, X, R, W, SEED, DX, DR, DW_PART, DB_PART, T, H, eps, threshold, 
     tl.store(DB_PART + pid * H + col, db, mask=ok)
 
 @triton.jit
-def keep_mask(SEED, OUT, H, threshold, G: tl.constexpr):
+def dropout_keep_mask_kernel(SEED, OUT, H, threshold, G: tl.constexpr):
     row = tl.program_id(0)
     g, j, col, ok = row_tile(H, G)
     keep = keep_bits(SEED, row, g, j, threshold)

@@ -82,7 +82,7 @@ def _fused_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     out = torch.empty(x2.shape, dtype=_out_dtype(x, residual, weight), device=x.device)
     if x2.shape[0]:
         threshold, scale = _drop_threshold(p)
-        _kernels().forward[(x2.shape[0],)](
+        _kernels().dropout_add_layer_norm_fwd[(x2.shape[0],)](
             x2, r2, weight, bias, out, seed, hidden, eps, threshold, scale,
             G=_groups(hidden), DROPOUT=threshold > 0, num_warps=_warps(hidden))
     return out.view(x.shape)
@@ -108,7 +108,7 @@ def _fused_backward(grad: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
     db_part = torch.zeros(programs, hidden, dtype=torch.float32, device=x.device)
     if rows:
         threshold, scale = _drop_threshold(p)
-        _kernels().backward[(programs,)](
+        _kernels().dropout_add_layer_norm_bwd[(programs,)](
             dy, x2, r2, weight, seed, dx, dr, dw_part, db_part, rows, hidden, eps, threshold, scale,
             rows_per_program, G=_groups(hidden), DROPOUT=threshold > 0, num_warps=_warps(hidden))
     return (dx.view(x.shape), dr.view(residual.shape), dw_part.sum(0).to(weight.dtype),
@@ -175,7 +175,7 @@ def dropout_keep_mask(seed: torch.Tensor, rows: int, hidden: int, p: float) -> t
     threshold, _ = _drop_threshold(p)
     out = torch.empty(rows, hidden, dtype=torch.int8, device=seed.device)
     if rows:
-        _kernels().keep_mask[(rows,)](seed, out, hidden, threshold, G=_groups(hidden))
+        _kernels().dropout_keep_mask_kernel[(rows,)](seed, out, hidden, threshold, G=_groups(hidden))
     return out.bool()
 
 
