@@ -97,7 +97,7 @@ def bench_path(name):
 
 def core(*modules):
     """Core-library files a stage runs, as inputs: editing one reruns the stage (DESIGN §4c)."""
-    return [os.path.join(workflow.basedir, "simlm_core", m) for m in ("io.py", *modules)]
+    return [os.path.join(workflow.basedir, "simlm_core", m) for m in dict.fromkeys(("io.py", *modules))]
 
 
 def enabled_systems():
@@ -168,6 +168,11 @@ def work_dir(stage, args):
 
 # The fused dropout-add-LayerNorm kernel (train sections' `fused_norm`), code of every trainer.
 FUSED_NORM_CODE = ("modeling/fused_norm.py", "modeling/_fused_norm_kernels.py", "modeling/triton_support.py")
+# The padding-free encoder and its Triton kernels (packed encoding, scoring and packed_training).
+PACKED_CODE = (
+    "modeling/packed.py", "modeling/packed_attention.py", "modeling/attention_train.py",
+    "modeling/_attention_train_kernels.py", *FUSED_NORM_CODE,
+)
 
 
 def train_args(stage, section, **paths):

@@ -78,8 +78,7 @@ rule pretrain:
         generator=local_model_inputs(generator_value()),
         code=core(
             "modeling/pretrain.py", "pretraining.py", "training.py", "drivers/pretrain.py",
-            "modeling/packed.py", "modeling/packed_attention.py",  # packed_training
-            *FUSED_NORM_CODE,
+            *PACKED_CODE,  # packed_training; its FUSED_NORM_CODE also serves fused_norm
         ),
     output:
         directory(pretrain_checkpoint()),

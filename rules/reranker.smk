@@ -3,8 +3,7 @@
 
 RERANKER_CODE = core(
     "modeling/reranker.py", "reranker_training.py", "losses.py", "training.py",
-    "modeling/packed.py", "modeling/packed_attention.py",  # packed_training
-    *FUSED_NORM_CODE,
+    *PACKED_CODE,  # packed_training; its FUSED_NORM_CODE also serves fused_norm
     "drivers/train_reranker.py",
 )
 
@@ -53,8 +52,8 @@ rule rerank:
         corpus=corpus_path(),
         queries=queries_path("{split}"),
         run=run_path("retriever1", "{split}"),
-        code=core("rerank.py", "modeling/reranker.py", "modeling/packed.py", "modeling/packed_attention.py",
-                  "modeling/triton_support.py", "tokenized.py", "drivers/rerank.py"),
+        code=core("rerank.py", "modeling/reranker.py", *PACKED_CODE,
+                  "tokenized.py", "drivers/rerank.py"),
     output:
         run=run_path("reranker", "{split}"),
     params:
@@ -93,8 +92,8 @@ rule score_teacher_shard:
         corpus=corpus_path(),
         queries=queries_path(TRAIN_SPLIT),
         negatives=negatives_path("retriever1"),
-        code=core("rerank.py", "modeling/reranker.py", "modeling/packed.py", "modeling/packed_attention.py",
-                  "modeling/triton_support.py", "tokenized.py", "drivers/score_teacher.py"),
+        code=core("rerank.py", "modeling/reranker.py", *PACKED_CODE,
+                  "tokenized.py", "drivers/score_teacher.py"),
     output:
         scores=teacher_shard_path("{shard}"),
     params:

@@ -4,14 +4,12 @@
 
 BIENCODER_CODE = core(
     "modeling/biencoder.py",
-    "modeling/packed.py",  # packed_training
-    "modeling/packed_attention.py",
+    *PACKED_CODE,  # packed_training; its FUSED_NORM_CODE also serves fused_norm
     "losses.py",
     "collators.py",
     "biencoder_training.py",
     "training.py",
     "drivers/train_biencoder.py",
-    *FUSED_NORM_CODE,
 )
 
 
@@ -141,8 +139,8 @@ rule encode_shard:
     input:
         model=checkpoint_dir("{system}"),
         corpus=corpus_path(),
-        code=core("encode.py", "collators.py", "tokenized.py", "modeling/biencoder.py", "modeling/packed.py",
-                  "modeling/packed_attention.py", "modeling/triton_support.py", "drivers/encode_corpus.py"),
+        code=core("encode.py", "collators.py", "tokenized.py", "modeling/biencoder.py", *PACKED_CODE,
+                  "drivers/encode_corpus.py"),
     output:
         embeddings=embedding_shard_path("{system}", "{shard}", ".npy"),
         ids=embedding_shard_path("{system}", "{shard}", ".ids.parquet"),
@@ -223,7 +221,7 @@ rule dense_search:
         ids=index_path("{system}", ".ids.parquet"),
         queries=queries_path("{split}"),
         code=core("encode.py", "collators.py", "tokenized.py", "index.py", "modeling/biencoder.py",
-                  "modeling/packed.py"),
+                  *PACKED_CODE),
     output:
         run=run_path("{system}", "{split}"),
     params:

@@ -118,12 +118,19 @@ def check_cuda_graph_settings(cfg: TrainConfig) -> None:
 
 def check_packed_training(cfg: TrainConfig, packed_training: bool) -> None:
     """Refuse padding-free training under CUDA graphs: every packed batch has its own token count,
-    so the graph trees would record a new graph on (nearly) every step."""
+    so the graph trees would record a new graph on (nearly) every step. On CUDA, also run the
+    Triton training attention's self-check (:func:`~simlm_core.modeling.attention_train.training_kernel_verified`)."""
     if packed_training and uses_cuda_graphs(cfg):
         raise ValueError(
             f"packed_training gives every batch its own token count, so torch_compile_mode="
             f"{cfg.torch_compile_mode!r} (CUDA graphs, one per shape) would record a graph per step: "
             "use torch_compile_mode 'default' or switch packed_training off")
+    if packed_training and torch.cuda.is_available():
+        # Check our Triton training attention once, before any model is compiled (a trace cannot
+        # run the check); on failure packed training attends through SDPA instead.
+        from simlm_core.modeling.attention_train import training_kernel_verified
+
+        training_kernel_verified(torch.device("cuda"))
 
 
 def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:

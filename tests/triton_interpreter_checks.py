@@ -1,7 +1,8 @@
 """Run our Triton kernels in Triton's CPU interpreter; print one JSON of results.
 
-Started by tests/test_packed_attention.py (parts ``kernel``, ``encoder``) and
-tests/test_fused_norm.py (part ``fused_norm``) in a child process, because ``TRITON_INTERPRET=1``
+Started by tests/test_packed_attention.py (parts ``kernel``, ``encoder``),
+tests/test_fused_norm.py (part ``fused_norm``) and tests/test_attention_train.py (part
+``attention_train``) in a child process, because ``TRITON_INTERPRET=1``
 must be set before a kernel is built and must not leak into other tests.
 """
 from __future__ import annotations
@@ -86,7 +87,7 @@ def encoder_errors() -> dict:
 def fused_norm_checks() -> dict:
     """The dropout-add-LayerNorm kernel against torch's ops on the kernel's own keep-mask; its
     dropout rate; and BERTs switched over to it (eager, packed, compiled) against transformers'."""
-    from simlm_core.modeling.fused_norm import (_drop_threshold, _fused_forward, dropout_add_layer_norm,
+    from simlm_core.modeling.fused_norm import (dropout_threshold, _fused_forward, dropout_add_layer_norm,
                                                 dropout_keep_mask, fuse_dropout_add_layer_norm)
 
     torch.manual_seed(0)
@@ -105,7 +106,7 @@ def fused_norm_checks() -> dict:
         for p in (0.0, 0.1):
             y = _fused_forward(x, r, w, b, seed, 1e-12, p)
             keep = dropout_keep_mask(seed, rows, hidden, p)
-            _, scale = _drop_threshold(p)
+            _, scale = dropout_threshold(p)
             ref = F.layer_norm(torch.where(keep, x.float() * scale, 0.0) + r.float(), (hidden,), w, b, 1e-12)
             grad = torch.randn(rows, hidden)
             got_g = torch.autograd.grad(y, (x, r, w, b), grad)
@@ -186,6 +187,113 @@ def _fused_bert_errors(fuse) -> dict:
     return result
 
 
+def attention_train_checks() -> dict:
+    """The training attention kernel against per-text softmax attention on the kernel's own dropout
+    mask (output and q/k/v gradients), its drop rate, its self-check, and a trainable packed BERT on
+    it against the same encoder on SDPA."""
+    from simlm_core.modeling.attention_train import (_attention_fwd, attention_keep_mask,
+                                                     training_kernel_verified)
+    from simlm_core.modeling.fused_norm import dropout_threshold
+
+    torch.manual_seed(0)
+    lengths = [1, 5, 40, 17, 33]
+    heads, dim = 2, 16
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    seed = torch.tensor([42], dtype=torch.int64)
+
+    def reference(q, k, v, cu_q, p):
+        _, scale = dropout_threshold(p)
+        outs = []
+        for i in range(len(lengths)):
+            qi, ki, vi = (x[c[i]:c[i + 1]].float().transpose(0, 1) for x, c in ((q, cu_q), (k, cu), (v, cu)))
+            probs = torch.softmax(qi @ ki.transpose(1, 2) / dim ** 0.5, -1)
+            if p:
+                keep = torch.stack([attention_keep_mask(seed, qi.shape[1], ki.shape[1], i, h, p) for h in range(heads)])
+                probs = torch.where(keep, probs * scale, 0.0)
+            outs.append((probs @ vi).transpose(0, 1))
+        return torch.cat(outs)
+
+    errors = {}
+    for dtype in (torch.float32, torch.float16):  # not bf16: the interpreter's bf16 dot is wrong
+        for blocks in [(16, 16, 4), (64, 32, 4)]:
+            for first in (False, True):
+                for p in (0.0, 0.1):
+                    qkv = torch.randn(int(cu[-1]), 3, heads, dim).to(dtype).requires_grad_()
+                    q, k, v = qkv.unbind(1)
+                    cu_q = torch.arange(len(lengths) + 1, dtype=torch.int32) if first else cu
+                    if first:
+                        q = q[cu[:-1].long()]
+                    out, _ = _attention_fwd(q, k, v, cu_q, cu, seed, p, *blocks)
+                    ref = reference(q, k, v, cu_q, p)
+                    grad = torch.randn(ref.shape)
+                    got_g = torch.autograd.grad(out, qkv, grad.to(dtype), retain_graph=True)[0]
+                    ref_g = torch.autograd.grad(ref, qkv, grad)[0]
+                    key = f"{str(dtype).split('.')[-1]} {blocks} {'first' if first else 'all'} p={p}"
+                    errors[key] = {"out": float((out.detach().float() - ref.detach()).abs().max()),
+                                   "grad": float((got_g.float() - ref_g).abs().max() / ref_g.abs().max()),
+                                   "dtype_kept": out.dtype == dtype and got_g.dtype == dtype}
+    masks = torch.stack([attention_keep_mask(seed, 144, 144, t, h, 0.1) for t in range(3) for h in range(4)])
+    return {
+        "errors": errors,
+        "drop_rate": 1 - float(masks.float().mean()),  # 248,832 draws
+        "heads_differ": not torch.equal(masks[0], masks[1]),
+        "texts_differ": not torch.equal(masks[0], masks[4]),
+        "verified": training_kernel_verified(torch.device("cpu")),
+        "encoder": _train_attention_encoder_errors(),
+    }
+
+
+def _train_attention_encoder_errors() -> dict:
+    """A trainable packed BERT: Triton training attention against SDPA on padded q/k/v (dropout 0:
+    loss and gradients; eager and compiled), and training with attention dropout 0.1."""
+    from transformers import BertConfig, BertModel
+
+    from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0), add_pooling_layer=False).train()
+    lengths = torch.tensor([5, 11, 2])
+    ids = torch.randint(5, 120, (3, 11))
+    mask = (torch.arange(11)[None, :] < lengths[:, None]).long()
+    batch = PackedBatch.from_padded(ids, mask)
+
+    def loss_and_grads(enc):
+        bert.zero_grad(set_to_none=True)
+        loss = enc.encode(batch).pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in bert.named_parameters() if p.grad is not None}
+
+    out = {}
+    for pooling in ("cls", "mean"):
+        ref_loss, ref_grads = loss_and_grads(PackedBertEncoder(bert, pooling=pooling, trainable=True, attention="padded"))
+        tri = PackedBertEncoder(bert, pooling=pooling, trainable=True, attention="triton")
+        runs = {"eager": tri}
+        if pooling == "cls":
+            compiled = PackedBertEncoder(bert, pooling=pooling, trainable=True, attention="triton")
+            compiled.compile(dynamic=True)
+            runs["compiled"] = compiled
+        for name, enc in runs.items():
+            loss, grads = loss_and_grads(enc)
+            out[f"{pooling} {name}"] = {"loss": float((loss - ref_loss).abs()),
+                                        "grads": max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()),
+                                        "same_grad_names": sorted(grads) == sorted(ref_grads)}
+        out[f"{pooling} kernel"] = tri.attention_kernel(torch.zeros(1))
+    for module in bert.modules():
+        if isinstance(module, torch.nn.Dropout) and module is not bert.embeddings.dropout:
+            module.p = 0.1
+    enc = PackedBertEncoder(bert, pooling="cls", trainable=True, attention="triton")
+    opt = torch.optim.SGD(bert.parameters(), lr=0.05)
+    losses = []
+    for _ in range(5):
+        loss, _ = loss_and_grads(enc)
+        opt.step()
+        losses.append(float(loss))
+    out["dropout_losses"] = losses
+    return out
+
+
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["kernel", "encoder"]
     result = {}
@@ -195,4 +303,6 @@ if __name__ == "__main__":
         result["encoder"] = encoder_errors()
     if "fused_norm" in parts:
         result["fused_norm"] = fused_norm_checks()
+    if "attention_train" in parts:
+        result["attention_train"] = attention_train_checks()
     print(json.dumps(result))

@@ -28,7 +28,8 @@ from torch import nn
 
 from simlm_core.modeling.triton_support import triton_available, triton_modules
 
-__all__ = ["dropout_add_layer_norm", "dropout_keep_mask", "fuse_dropout_add_layer_norm", "fused_norm_available"]
+__all__ = ["dropout_add_layer_norm", "dropout_keep_mask", "dropout_threshold", "fuse_dropout_add_layer_norm",
+           "fused_norm_available"]
 
 _BITS = 65536  # dropout compares 16 random bits per element
 
@@ -38,7 +39,7 @@ def fused_norm_available(device: torch.device) -> bool:
     return triton_available(device)
 
 
-def _drop_threshold(p: float) -> tuple[int, float]:
+def dropout_threshold(p: float) -> tuple[int, float]:
     """``(threshold, scale)``: keep where the 16 random bits are ``>= threshold``, times ``scale``."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
@@ -81,7 +82,7 @@ def _fused_forward(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     x2, r2 = x.reshape(-1, hidden), residual.reshape(-1, hidden)
     out = torch.empty(x2.shape, dtype=_out_dtype(x, residual, weight), device=x.device)
     if x2.shape[0]:
-        threshold, scale = _drop_threshold(p)
+        threshold, scale = dropout_threshold(p)
         _kernels().dropout_add_layer_norm_fwd[(x2.shape[0],)](
             x2, r2, weight, bias, out, seed, hidden, eps, threshold, scale,
             G=_groups(hidden), DROPOUT=threshold > 0, num_warps=_warps(hidden))
@@ -107,7 +108,7 @@ def _fused_backward(grad: torch.Tensor, x: torch.Tensor, residual: torch.Tensor,
     dw_part = torch.zeros(programs, hidden, dtype=torch.float32, device=x.device)
     db_part = torch.zeros(programs, hidden, dtype=torch.float32, device=x.device)
     if rows:
-        threshold, scale = _drop_threshold(p)
+        threshold, scale = dropout_threshold(p)
         _kernels().dropout_add_layer_norm_bwd[(programs,)](
             dy, x2, r2, weight, seed, dx, dr, dw_part, db_part, rows, hidden, eps, threshold, scale,
             rows_per_program, G=_groups(hidden), DROPOUT=threshold > 0, num_warps=_warps(hidden))
@@ -164,7 +165,7 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
         return F.layer_norm(F.dropout(x, p, training) + residual, (x.shape[-1],), weight, bias, eps)
     _check(x, residual, weight, bias)
     p = float(p) if training else 0.0
-    _drop_threshold(p)  # refuse a bad p before any kernel runs
+    dropout_threshold(p)  # refuse a bad p before any kernel runs
     if torch.is_autocast_enabled(x.device.type):  # weights stay fp32, as autocast's layer_norm keeps them
         weight, bias = weight.float(), bias.float()
     return _fused_forward(x.contiguous(), residual.contiguous(), weight, bias, _seed(x.device), float(eps), p)
@@ -172,7 +173,7 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 def dropout_keep_mask(seed: torch.Tensor, rows: int, hidden: int, p: float) -> torch.Tensor:
     """The keep-mask (bool ``[rows, hidden]``) that the kernels draw for ``seed`` (tests, debugging)."""
-    threshold, _ = _drop_threshold(p)
+    threshold, _ = dropout_threshold(p)
     out = torch.empty(rows, hidden, dtype=torch.int8, device=seed.device)
     if rows:
         _kernels().dropout_keep_mask_kernel[(rows,)](seed, out, hidden, threshold, G=_groups(hidden))

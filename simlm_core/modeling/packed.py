@@ -20,9 +20,12 @@ query/key/value matrix) and the same arithmetic as transformers' ``BertModel``, 
 Training (``trainable=True``, for padding-free biencoder training): the fused projection is
 built from the live query/key/value weights on every call, so gradients reach them; the BERT's
 own dropout modules apply (embeddings, attention output, feed-forward output, attention
-probabilities) whenever the BERT is in training mode; attention is SDPA on padded q/k/v (the
-kernels that take dropout and run backward), and [CLS] pooling still skips the last layer's
-other rows, which no loss reads. Supported: a ``bert`` encoder with absolute positions;
+probabilities) whenever the BERT is in training mode; attention is, on CUDA in fp16/bf16, our
+Triton training kernel (:mod:`simlm_core.modeling.attention_train`: dropout, backward, no
+padding) once its self-check has passed, else SDPA on padded q/k/v; and [CLS] pooling still
+skips the last layer's other rows, which no loss reads. The sublayer ends (dropout, residual
+add, LayerNorm) run through the BERT's own ``*Output`` modules, so ``fused_norm``
+(:mod:`simlm_core.modeling.fused_norm`) reaches them. Supported: a ``bert`` encoder with absolute positions;
 :func:`packed_support` says why a model is not.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from simlm_core.modeling.attention_train import packed_attention_train, training_kernel_verified
 from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS, packed_attention, triton_attention_available
 
 __all__ = ["PACKED_MODEL_TYPES", "PackedBatch", "PackedBertEncoder", "packed_support", "varlen_available"]
@@ -130,6 +134,8 @@ class PackedBertEncoder(nn.Module):
     ``"triton"`` (one Triton program per text, :mod:`simlm_core.modeling.packed_attention`; CUDA),
     ``"padded"`` (SDPA on padded q/k/v with a key mask; any device) or ``"auto"`` (for q/k/v in
     fp16/bf16, i.e. half weights or autocast, on CUDA: Triton if importable, else varlen; else padded).
+    Trainable encoders attend with ``"triton"`` (the training kernel, with dropout and backward) or
+    ``"padded"``; their ``"auto"`` is the Triton kernel for fp16/bf16 q/k/v where it passed its check.
     ``attention_blocks``: the Triton kernel's ``(BLOCK_M, BLOCK_N, heads per program, warps)``.
     ``trainable``: for training (see the module doc); otherwise the encoder is put in eval mode
     and the fused projection is a frozen copy (inference only). ``pooling="tokens"`` returns
@@ -192,7 +198,10 @@ class PackedBertEncoder(nn.Module):
                 queries_are_first_tokens: bool, dropout_p: float = 0.0) -> torch.Tensor:
         """``q`` ``[Tq, heads, d]`` (every token, or only each text's first) against ``k``/``v`` ``[T, heads, d]``."""
         n = cu_seqlens.numel() - 1
-        kernel = "padded" if self.trainable or dropout_p else self.attention_kernel(q)
+        kernel = self.attention_kernel(q)
+        if self.trainable and kernel == "triton":
+            cu_q = torch.arange(n + 1, dtype=torch.int32, device=q.device) if queries_are_first_tokens else cu_seqlens
+            return packed_attention_train(q, k, v, cu_q, cu_seqlens, dropout_p)
         if kernel != "padded":
             cu_q = torch.arange(n + 1, dtype=torch.int32, device=q.device) if queries_are_first_tokens else cu_seqlens
             if kernel == "triton":
@@ -218,6 +227,12 @@ class PackedBertEncoder(nn.Module):
 
     def attention_kernel(self, q: torch.Tensor) -> str:
         """The attention this encoder runs on queries like ``q``: "triton", "varlen" or "padded"."""
+        if self.trainable:  # training: our Triton kernel (dropout, backward) or SDPA on padded q/k/v
+            if self.attention == "triton":
+                return "triton"
+            if self.attention != "auto" or q.dtype not in (torch.float16, torch.bfloat16):
+                return "padded"
+            return "triton" if training_kernel_verified(q.device) else "padded"
         if self.attention != "auto":
             return self.attention
         if q.dtype not in (torch.float16, torch.bfloat16):  # fp32: SDPA, not tensor-core TF32 kernels

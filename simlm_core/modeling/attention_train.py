@@ -1,0 +1,205 @@
+"""Attention with dropout, forward and backward, over packed short texts: padding-free training.
+
+Why a kernel of our own: in the compiled BERT-base biencoder step on an H200 (profile in
+benchmarks/results/model_throughput-cuda-h200-biencoder-profile.log) attention took 12.8 of 62.7
+ms -- 20% of the time for 3.5% of the FLOPs, ~53 TFLOP/s. cuDNN (the fastest of torch's SDPA
+kernels there) tiles 144-token texts in 128-row blocks and draws a Philox number per score for
+dropout. This kernel, like :mod:`simlm_core.modeling.packed_attention` (inference), runs one
+program per (text, head) over packed rows, looping only to the text's end, and draws dropout
+bits 16 per score (one Philox block per 8 scores; the backward pass draws the same bits again
+from the seed instead of storing a mask).
+
+``q`` ``[Tq, heads, d]``, ``k``/``v`` ``[Tk, heads, d]`` (any token/head strides, unit stride over
+``d``), ``cu_q``/``cu_k`` int32 ``[N+1]``: text ``i``'s queries attend to its keys only. Queries
+may be every token (``cu_q == cu_k``) or one per text (its [CLS]; ``cu_q = arange(N + 1)``).
+
+Dropout drops a probability when its 16 bits are ``< round(p * 65536)`` and scales the rest by
+``65536 / (65536 - round(p * 65536))``, as :mod:`simlm_core.modeling.fused_norm` does; the
+softmax normaliser counts every score (dropout applies after the softmax, as in BERT).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from simlm_core.modeling.fused_norm import dropout_threshold
+from simlm_core.modeling.triton_support import triton_available, triton_modules
+
+__all__ = ["attention_keep_mask", "packed_attention_train", "training_kernel_verified", "TRAIN_BLOCKS"]
+
+# (BLOCK_M, BLOCK_N, num_warps): not yet tuned on a GPU (benchmarks/attention_kernels.py --parts train).
+TRAIN_BLOCKS: tuple[int, int, int] = (64, 32, 4)
+_LOG2E = 1.4426950408889634
+
+
+def _kernels() -> Any:
+    if triton_modules() is None:
+        raise RuntimeError("packed training attention needs Triton (pip install triton; CUDA)")
+    from simlm_core.modeling import _attention_train_kernels
+
+    return _attention_train_kernels
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+           blocks: tuple[int, int, int]) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [tokens, heads, dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    heads, d = q.shape[1], q.shape[2]
+    if k.shape[1:] != (heads, d) or v.shape != k.shape:
+        raise ValueError(f"k and v must be [tokens, {heads}, {d}] like q; got {tuple(k.shape)}, {tuple(v.shape)}")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
+    if cu_q.numel() != cu_k.numel() or cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32:
+        raise ValueError("cu_q and cu_k must be int32 offsets of the same number of texts")
+    block_m, block_n, _ = blocks
+    if block_m < 16 or block_n < 16 or block_n & (block_n - 1) or block_m & (block_m - 1):
+        raise ValueError(f"blocks must be powers of two >= 16, got {blocks}")
+    for x in (q, k, v):
+        if x.stride(2) != 1:
+            raise ValueError("q, k, v need unit stride over the head dim")
+
+
+@torch.library.custom_op("simlm::packed_attention_train", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                   seed: torch.Tensor, p: float, block_m: int, block_n: int, num_warps: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    n, heads, d = cu_q.numel() - 1, q.shape[1], q.shape[2]
+    if n and q.shape[0]:
+        threshold, scale = dropout_threshold(p)
+        _kernels().attention_train_fwd[(n, heads)](
+            q, k, v, out, lse, cu_q, cu_k, seed, _LOG2E / math.sqrt(d), threshold, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            D=d, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=threshold > 0, num_warps=num_warps)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, seed, p, block_m, block_n, num_warps):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("simlm::packed_attention_train_backward", mutates_args=())
+def _attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, seed: torch.Tensor, p: float,
+                   block_m: int, block_n: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad = grad.contiguous()
+    delta = (grad.float() * out.float()).sum(-1)  # rowsum(dO * O) = sum_j P_ij dP_ij, per query row and head
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    n, heads, d = cu_q.numel() - 1, q.shape[1], q.shape[2]
+    if n and q.shape[0]:
+        threshold, scale = dropout_threshold(p)
+        _kernels().attention_train_bwd[(n, heads)](
+            q, k, v, grad, lse, delta, dq, dk, dv, cu_q, cu_k, seed, _LOG2E / math.sqrt(d), 1.0 / math.sqrt(d),
+            threshold, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad.stride(0), grad.stride(1), lse.stride(0), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+            D=d, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=threshold > 0, num_warps=num_warps)
+    if k.shape[0] and (n == 0 or q.shape[0] == 0):
+        dk.zero_(), dv.zero_()
+    return dq.to(q.dtype), dk, dv
+
+
+@_attention_bwd.register_fake
+def _(grad, q, k, v, out, lse, cu_q, cu_k, seed, p, block_m, block_n, num_warps):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, cu_q, cu_k, seed, p, block_m, block_n, num_warps = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.settings = (p, block_m, block_n, num_warps)
+
+
+def _backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple:
+    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, seed, *ctx.settings)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def packed_attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+                           cu_k: torch.Tensor, dropout_p: float = 0.0,
+                           blocks: tuple[int, int, int] = TRAIN_BLOCKS) -> torch.Tensor:
+    """Softmax attention of each text's queries over its keys, with dropout ``dropout_p`` on the
+    probabilities; differentiable in ``q``, ``k``, ``v``. Returns ``[Tq, heads, d]`` like ``q``.
+    ``blocks``: ``(BLOCK_M, BLOCK_N, num_warps)``."""
+    if not triton_available(q.device):
+        raise RuntimeError(f"packed training attention runs on CUDA with Triton (or TRITON_INTERPRET=1), not {q.device}")
+    _check(q, k, v, cu_q, cu_k, blocks)
+    dropout_threshold(dropout_p)  # refuse a bad p before any kernel runs
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    out, _ = _attention_fwd(q, k, v, cu_q, cu_k, seed, float(dropout_p), *blocks)
+    return out
+
+
+def attention_keep_mask(seed: torch.Tensor, rows: int, cols: int, text: int, head: int, p: float) -> torch.Tensor:
+    """The keep-mask (bool ``[rows, cols]``) the kernels draw for one text and head (tests, debugging)."""
+    threshold, _ = dropout_threshold(p)
+    out = torch.zeros(rows, cols, dtype=torch.int8, device=seed.device)
+    bm, bn = 16, 16
+    _kernels().attention_keep_mask_kernel[(-(-rows // bm), -(-cols // bn))](
+        seed, out, threshold, rows, cols, text, head, BLOCK_M=bm, BLOCK_N=bn)
+    return out.bool()
+
+
+_VERIFIED: dict[str, bool] = {}
+
+
+def training_kernel_verified(device: torch.device) -> bool:
+    """Whether the kernel can train on ``device``'s type: Triton runs there and, on first asking, a small
+    bf16 problem's output and gradients (dropout 0) match SDPA in fp32. A failure -- a Triton
+    version that cannot build it, a wrong result -- is warned about once and answered False, so
+    packed training falls back to SDPA on padded q/k/v instead of failing or training wrongly."""
+    if not triton_available(device):
+        return False
+    key = device.type
+    if key not in _VERIFIED:
+        if torch.compiler.is_compiling():  # no check inside a trace: the trainers run it before compiling
+            return False
+        try:
+            error = _self_check(device)
+            _VERIFIED[key] = error < 0.05
+            reason = f"its gradients differ from SDPA's by {error:.3g} (relative)"
+        except Exception as exc:  # noqa: BLE001  (any failure to build or run means: do not use it)
+            _VERIFIED[key] = False
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if not _VERIFIED[key]:
+            warnings.warn(f"packed training attention: the Triton kernel failed its check on {device} ({reason}); "
+                          "training runs SDPA on padded q/k/v instead", RuntimeWarning, stacklevel=2)
+    return _VERIFIED[key]
+
+
+def _self_check(device: torch.device) -> float:
+    """Largest error of output and q/k/v gradients against per-text SDPA, relative to their scale."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    lengths = [1, 19, 70, 33]
+    heads, d = 2, 64
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    qkv = torch.randn(sum(lengths), 3, heads, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    grad = torch.randn(sum(lengths), heads, d, generator=gen).to(device=device, dtype=dtype)
+    with torch.enable_grad():
+        out = packed_attention_train(*qkv.unbind(1), cu, cu, 0.0)
+        got = torch.autograd.grad(out, qkv, grad)[0]
+        ref_in = qkv.detach().float().requires_grad_()
+        parts = []
+        for i in range(len(lengths)):
+            q, k, v = (x[cu[i]:cu[i + 1]].transpose(0, 1) for x in ref_in.unbind(1))
+            parts.append(F.scaled_dot_product_attention(q, k, v).transpose(0, 1))
+        ref = torch.cat(parts)
+        want = torch.autograd.grad(ref, ref_in, grad.float())[0]
+    out, ref = out.detach().float(), ref.detach()
+    return max(float((out - ref).abs().max() / ref.abs().max()),
+               float((got.float() - want).abs().max() / want.abs().max()))

@@ -1,0 +1,118 @@
+"""The packed training attention kernel (simlm_core.modeling.attention_train).
+
+CI has no GPU: the kernel runs in Triton's CPU interpreter, in a child process
+(tests/triton_interpreter_checks.py, part ``attention_train``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from simlm_core.modeling import attention_train
+from simlm_core.modeling.attention_train import packed_attention_train, training_kernel_verified
+
+CHECKS = Path(__file__).with_name("triton_interpreter_checks.py")
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(CHECKS), "attention_train"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["attention_train"]
+
+
+def test_kernel_output_and_gradients_match_softmax_attention_on_its_mask(interpreted):
+    errors = interpreted["errors"]
+    assert len(errors) == 16  # 2 dtypes x 2 tilings x (all tokens, first tokens) x dropout 0 / 0.1
+    for key, e in errors.items():
+        assert e["dtype_kept"], key
+        fp32 = key.startswith("float32")
+        assert e["out"] < (2e-6 if fp32 else 3e-3), (key, e)
+        assert e["grad"] < (2e-6 if fp32 else 3e-3), (key, e)  # relative to the largest gradient
+
+
+def test_kernel_dropout_rate_and_independent_masks(interpreted):
+    assert abs(interpreted["drop_rate"] - 0.1) < 0.004  # 248,832 draws: std 0.0006
+    assert interpreted["heads_differ"] and interpreted["texts_differ"]
+    assert interpreted["verified"]  # the self-check passes where the kernel is right
+
+
+def test_packed_bert_trains_on_the_kernel_like_on_sdpa(interpreted):
+    enc = interpreted["encoder"]
+    assert enc["cls kernel"] == enc["mean kernel"] == "triton"
+    for key in ("cls eager", "cls compiled", "mean eager"):
+        assert enc[key]["same_grad_names"], key
+        assert enc[key]["loss"] < 1e-6 and enc[key]["grads"] < 1e-6, (key, enc[key])
+    losses = enc["dropout_losses"]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+def test_not_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not training_kernel_verified(torch.device("cpu"))
+    x = torch.zeros(3, 2, 16)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="runs on CUDA with Triton"):
+        packed_attention_train(x, x, x, cu, cu)
+
+
+def test_bad_inputs_are_refused_before_any_kernel(monkeypatch):
+    monkeypatch.setattr(attention_train, "triton_available", lambda device: True)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    x = torch.zeros(3, 2, 16)
+    with pytest.raises(ValueError, match="power of two"):
+        packed_attention_train(torch.zeros(3, 2, 24), torch.zeros(3, 2, 24), torch.zeros(3, 2, 24), cu, cu)
+    with pytest.raises(ValueError, match="int32"):
+        packed_attention_train(x, x, x, cu.long(), cu.long())
+    with pytest.raises(ValueError, match="blocks must be powers of two"):
+        packed_attention_train(x, x, x, cu, cu, blocks=(16, 24, 4))
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
+        packed_attention_train(x, x, x, cu, cu, dropout_p=1.0)
+
+
+def test_a_failing_kernel_is_reported_once_and_not_used(monkeypatch):
+    """Where the kernel cannot build or gives wrong gradients, training falls back to SDPA, with a warning."""
+    monkeypatch.setattr(attention_train, "triton_available", lambda device: True)
+    monkeypatch.setattr(attention_train, "_VERIFIED", {})
+
+    def broken(device):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(attention_train, "_self_check", broken)
+    with pytest.warns(RuntimeWarning, match="failed its check on cpu .*PassManager::run failed.*SDPA"):
+        assert not training_kernel_verified(torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # answered from the cache: no second warning
+        assert not training_kernel_verified(torch.device("cpu"))
+    monkeypatch.setattr(attention_train, "_VERIFIED", {})
+    monkeypatch.setattr(attention_train, "_self_check", lambda device: 0.5)
+    with pytest.warns(RuntimeWarning, match="differ from SDPA's by 0.5"):
+        assert not training_kernel_verified(torch.device("cpu"))
+
+
+def test_trainable_packed_encoder_picks_its_attention(monkeypatch):
+    from transformers import BertConfig, BertModel
+
+    from simlm_core.modeling.packed import PackedBertEncoder
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64))
+    auto = PackedBertEncoder(bert, trainable=True)
+    assert auto.attention_kernel(torch.zeros(1)) == "padded"  # fp32: SDPA
+    assert auto.attention_kernel(torch.zeros(1, dtype=torch.bfloat16)) == "padded"  # CPU: no Triton kernel
+    assert PackedBertEncoder(bert, trainable=True, attention="triton").attention_kernel(torch.zeros(1)) == "triton"
+    assert PackedBertEncoder(bert, trainable=True, attention="varlen").attention_kernel(torch.zeros(1)) == "padded"
+    monkeypatch.setattr(attention_train, "_VERIFIED", {"cpu": True})
+    monkeypatch.setattr(attention_train, "triton_available", lambda device: True)
+    assert auto.attention_kernel(torch.zeros(1, dtype=torch.bfloat16)) == "triton"
