@@ -8,8 +8,10 @@
     - ``triton B_M,B_N,H,W``: ``simlm_core.modeling.packed_attention`` with those blocks;
     - ``sdpa-<kernel>``: scatter to a padded ``[N, heads, L, d]`` batch, SDPA with a key mask, gather.
     Also one batch of unsorted lengths, where padding would cost most.
-(b) **training**: a padded biencoder batch (256 passages x 144, 16 queries x 32) through SDPA,
-    forward + backward, with and without attention dropout (0.1, BERT's), per SDPA kernel.
+(b) **training**: a biencoder batch (256 passages x 144, 16 queries x 32), forward + backward,
+    with and without attention dropout (0.1, BERT's): per SDPA kernel on the padded batch, and our
+    Triton training kernel (``simlm_core.modeling.attention_train``, tiles from ``--train-configs``)
+    on the same texts packed; then the Triton kernel on 256 passages of real lengths.
 
     python benchmarks/attention_kernels.py [--device cuda] [--configs "64,64,1,4;32,32,1,4"]
 
@@ -35,8 +37,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from model_throughput import make_passages, make_tokenizer, peak_tflops, resolve, sdpa_context, sync  # noqa: E402
 from simlm_core.modeling.packed import varlen_available, _varlen_attn  # noqa: E402
+from simlm_core.modeling.attention_train import packed_attention_train  # noqa: E402
 from simlm_core.modeling.packed_attention import packed_attention, triton_attention_available  # noqa: E402
+from simlm_core.modeling.triton_support import triton_available  # noqa: E402
 
+DEFAULT_TRAIN_CONFIGS = "64,32,4;64,64,4;32,32,4;32,64,4;64,32,8;128,32,8;128,64,8"
 DEFAULT_CONFIGS = "64,64,1,4;32,32,1,4;32,64,1,4;64,32,1,4;16,32,1,4;32,32,2,4;64,64,2,4;128,64,1,8;64,128,1,4"
 
 
@@ -132,30 +137,54 @@ def bench_encode(args, device, peak, work: Path) -> list[dict]:
 
 
 # -- (b) training -------------------------------------------------------------------------------
-def bench_train(args, device, peak) -> list[dict]:
+def bench_train(args, device, peak, work: Path) -> list[dict]:
+    """Forward + backward of one layer's attention on a biencoder batch: SDPA kernels on padded
+    ``[N, heads, L, d]``, and our Triton training kernel (``triton-train B_M,B_N,W``) on the same
+    texts packed; then the Triton kernel on real passage lengths (what packed_training runs)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     H, D = args.heads, args.head_dim
     rows = []
-    for what, n, length in [("passages", args.train_batch, args.max_len), ("queries", args.train_queries, 32)]:
-        q, k, v = (torch.randn(n, H, length, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        grad = torch.randn(n, H, length, D, device=device, dtype=dtype)
-        flops = 4.0 * n * length * length * D * H * 3.5  # forward + backward (2.5x)
-        for kernel in args.train_sdpa.split(","):
-            for p in (0.1, 0.0):
-                def step() -> None:
-                    with sdpa_context(kernel):
-                        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-                    out.backward(grad)
+    train_configs = [tuple(int(x) for x in c.split(",")) for c in args.train_configs.split(";")] \
+        if triton_available(device) else []
 
-                try:
-                    sec = time_it(device, step, args.repeats * 5)
-                except Exception as exc:
-                    print(f"   train {what} | {kernel} dropout {p}: FAILED {str(exc).splitlines()[0][:150]}")
-                    continue
-                rows.append({"part": "train", "set": f"{what} {n} x {length}", "kernel": kernel, "dropout": p,
-                             "seconds": sec, "tflops_per_s": flops / sec / 1e12})
-                print(f"   train {what} {n} x {length} | {kernel} dropout {p}: {sec * 1e3:.3f} ms fwd+bwd per layer, "
-                      f"{flops / sec / 1e12:.1f} TFLOP/s", flush=True)
+    def record(set_name: str, kernel: str, p: float, step: Callable[[], None], flops: float) -> None:
+        try:
+            sec = time_it(device, step, args.repeats * 5)
+        except Exception as exc:  # a kernel that cannot run here: say why, keep the others
+            print(f"   train {set_name} | {kernel} dropout {p}: FAILED {str(exc).splitlines()[0][:150]}", flush=True)
+            return
+        rows.append({"part": "train", "set": set_name, "kernel": kernel, "dropout": p, "seconds": sec,
+                     "tflops_per_s": flops / sec / 1e12})
+        print(f"   train {set_name} | {kernel} dropout {p}: {sec * 1e3:.3f} ms fwd+bwd per layer, "
+              f"{flops / sec / 1e12:.1f} TFLOP/s", flush=True)
+
+    real = passage_lengths(args.train_batch, args.max_len, work)
+    sets = [("passages", [args.max_len] * args.train_batch), ("queries", [32] * args.train_queries),
+            ("passages, real lengths", real)]
+    for what, lengths in sets:
+        n, length, uniform = len(lengths), max(lengths), len(set(lengths)) == 1
+        set_name = f"{what} {n} x {length}" if uniform else f"{what}, {n} psg mean {sum(lengths) / n:.0f}"
+        flops = sum(4.0 * l * l * D * H for l in lengths) * 3.5  # forward + backward (2.5x)
+        if uniform:
+            q, k, v = (torch.randn(n, H, length, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            grad = torch.randn(n, H, length, D, device=device, dtype=dtype)
+            for kernel in args.train_sdpa.split(","):
+                for p in (0.1, 0.0):
+                    def step(kernel: str = kernel, p: float = p) -> None:
+                        with sdpa_context(kernel):
+                            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+                        out.backward(grad)
+
+                    record(set_name, kernel, p, step, flops)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        qkv = torch.randn(int(cu[-1]), 3, H, D, device=device, dtype=dtype, requires_grad=True)
+        grad_p = torch.randn(int(cu[-1]), H, D, device=device, dtype=dtype)
+        for blocks in train_configs:
+            for p in (0.1, 0.0):
+                def step_t(blocks: tuple = blocks, p: float = p) -> None:
+                    packed_attention_train(*qkv.unbind(1), cu, cu, p, blocks).backward(grad_p)
+
+                record(set_name, "triton-train " + ",".join(map(str, blocks)), p, step_t, flops)
     return rows
 
 
@@ -171,6 +200,8 @@ def main() -> None:
     ap.add_argument("--sdpa", default=None, help="encode: SDPA kernels on padded copies (cuda 'efficient,cudnn'; cpu 'math')")
     ap.add_argument("--train-sdpa", default=None, help="training: SDPA kernels (cuda 'flash,cudnn,efficient'; cpu 'math')")
     ap.add_argument("--train-batch", type=int, default=None, help="training: passages (cuda 256; cpu 8)")
+    ap.add_argument("--train-configs", default=DEFAULT_TRAIN_CONFIGS,
+                    help="training: our Triton kernel's blocks to try: 'B_M,B_N,warps;...'")
     ap.add_argument("--train-queries", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--parts", default="encode,train")
@@ -197,7 +228,7 @@ def main() -> None:
             rows += bench_encode(args, device, peak, Path(work))
         if "train" in args.parts:
             print("-- training (SDPA, forward + backward)", flush=True)
-            rows += bench_train(args, device, peak)
+            rows += bench_train(args, device, peak, Path(work))
     enc = [r for r in rows if r["part"] == "encode" and r["set"].startswith("sorted")]
     tri = [r for r in enc if r["kernel"].startswith("triton")]
     if tri:

@@ -50,7 +50,7 @@ PY
 for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
   key=${part//-/_}
   if [ "$part" = attention ]; then  # attention kernels alone; its best Triton blocks feed the encode parts
-    cap="${CAP_attention:-150}"
+    cap="${CAP_attention:-240}"
     echo "== attention (cap ${cap}s)"
     timeout "$cap" python3 benchmarks/attention_kernels.py --device cuda --out "$out/attention_kernels-cuda.json" \
       > "$out/attention_kernels-cuda.log" 2>&1

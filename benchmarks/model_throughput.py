@@ -401,6 +401,16 @@ def maybe_fuse_norms(args, model: torch.nn.Module) -> str:
     return ", fused_norm"
 
 
+def set_train_attention(args, model: torch.nn.Module) -> str:
+    """``--train-attention``: the attention of ``model``'s packed encoders (packed_training); row-label suffix."""
+    if args.train_attention == "auto":
+        return ""
+    encoders = [m.__dict__["_packed_encoder"] for m in model.modules() if "_packed_encoder" in m.__dict__]
+    for enc in encoders:
+        enc.attention = args.train_attention
+    return f", attention {args.train_attention}" if encoders else ""
+
+
 def autocast(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -871,31 +881,43 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
 def padded_vs_packed(args, device, peak, part: str, label: str, unit: str, items: float, shape: str,
                      tokens: float, flops: float, padding_fraction: float, lr: float,
                      build: Callable[[bool], torch.nn.Module],
-                     loss: Callable[[torch.nn.Module, int], torch.Tensor]) -> list[dict]:
+                     loss: Callable[[torch.nn.Module, int], torch.Tensor],
+                     lengths_note: str = ", real lengths") -> list[dict]:
     """Time one training step (``loss(model, i)`` on batch ``i``, backward, AdamW) for the model
-    ``build(packed)`` makes, padded and with ``packed_training``. The batches take turns, so each
-    row reports the mean step time (the best is kept too)."""
+    ``build(packed)`` makes, padded and with ``packed_training`` (``--packed-compile 1``: also
+    through ``torch.compile``). The batches take turns, so each row reports the mean step time
+    (the best is kept too)."""
     rows, secs = [], {}
     for packed in (False, True):
         model = build(packed).to(device)
         model.train()
-        fused = maybe_fuse_norms(args, model)
+        suffix = maybe_fuse_norms(args, model) + (set_train_attention(args, model) if packed else "")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 **({"fused": True} if device.type == "cuda" else {}))
 
         step = optimizer_step(device, opt, loss)
-        for i in range(args.warmup):
-            step(model, i)
-        sec, iter_times = timed_loop(device, args.iters, lambda i: step(model, i))
-        mean = float(np.mean(iter_times))
-        secs[packed] = mean
-        what = f"{label}, real lengths, {'packed_training' if packed else 'padded (default)'}{fused}"
-        rows.append(rate_row(part, what, shape, items, unit, tokens, flops, mean, peak,
-                             {"step_seconds_mean": mean, "step_seconds_best": sec, "iteration_seconds": iter_times,
-                              "padding_fraction": padding_fraction}))
-        del model, opt
-    rows[-1]["speedup_vs_padded"] = secs[False] / secs[True]
-    print(f"   packed_training: {secs[False] / secs[True]:.2f}x the padded step's rate", flush=True)
+        variants = [("", model)]
+        if args.packed_compile:  # torch.compile, default mode (no CUDA graphs: packed shapes vary)
+            variants.append((", torch.compile", torch.compile(model)))
+        for tag_c, m in variants:
+            t0 = time.perf_counter()
+            for i in range(max(args.warmup, 4 if tag_c else 0)):  # compiled: see every batch's shape first
+                step(m, i)
+            sync(device)
+            compile_s = time.perf_counter() - t0
+            sec, iter_times = timed_loop(device, args.iters, lambda i: step(m, i))
+            mean = float(np.mean(iter_times))
+            secs[(packed, tag_c)] = mean
+            what = f"{label}{lengths_note}, {'packed_training' if packed else 'padded (default)'}{suffix}{tag_c}"
+            rows.append(rate_row(part, what, shape, items, unit, tokens, flops, mean, peak,
+                                 {"step_seconds_mean": mean, "step_seconds_best": sec,
+                                  "iteration_seconds": iter_times, "padding_fraction": padding_fraction,
+                                  **({"compile_seconds": compile_s} if tag_c else {})}))
+            if packed:
+                rows[-1]["speedup_vs_padded"] = secs[(False, tag_c)] / mean
+                print(f"   packed_training{tag_c}: {secs[(False, tag_c)] / mean:.2f}x the padded step's rate",
+                      flush=True)
+        del model, opt, variants
     return rows
 
 
@@ -912,7 +934,9 @@ def bench_biencoder_packed(args, device, size, work: Path, peak) -> list[dict]:
 
     tok, words = make_tokenizer(work / "tok")
     Q, G, lq, lp, n_batches = args.bi_queries, args.bi_group, 32, 144, 4
-    passages = make_passages(words, Q * G * n_batches, seed=3)
+    full = bool(args.bi_full_length)  # every passage fills p_max_len: no padding, MFU comparable with (c)
+    passages = (make_passages(words, Q * G * n_batches, seed=3, mean_words=200, min_words=180, max_words=300)
+                if full else make_passages(words, Q * G * n_batches, seed=3))
     queries = make_passages(words, Q * n_batches, seed=4, mean_words=6, min_words=2, max_words=20)
     multiple = 8 if device.type == "cuda" else None
     batches, q_lens, p_lens, padded_tokens = [], [], [], 0
@@ -943,7 +967,8 @@ def bench_biencoder_packed(args, device, size, work: Path, peak) -> list[dict]:
         return m(query=q, passage=p).loss
 
     return padded_vs_packed(args, device, peak, "biencoder-packed", "BiEncoder step", "query", Q, shape, tokens,
-                            flops, 1 - tokens * n_batches / padded_tokens, 2e-5, build, loss)
+                            flops, 1 - tokens * n_batches / padded_tokens, 2e-5, build, loss,
+                            ", full-length passages" if full else ", real lengths")
 
 
 # =============================================================================================
@@ -1144,6 +1169,12 @@ def main() -> None:
                          "triton (simlm_core.modeling.packed_attention), padded")
     ap.add_argument("--triton-blocks", default=",".join(map(str, DEFAULT_BLOCKS)),
                     help="the Triton attention kernel's BLOCK_M,BLOCK_N,heads per program,warps")
+    ap.add_argument("--train-attention", default="auto", choices=["auto", "padded", "triton"],
+                    help="packed_training rows: the packed encoder's attention (auto: our Triton kernel on CUDA)")
+    ap.add_argument("--packed-compile", type=int, default=0,
+                    help="padded-vs-packed training parts: also time each model through torch.compile")
+    ap.add_argument("--bi-full-length", type=int, default=0,
+                    help="biencoder-packed: passages that fill 144 tokens (no padding), comparable with 'biencoder'")
     ap.add_argument("--fused-norm", type=int, default=0,
                     help="training parts: dropout-add-LayerNorm on the fused Triton kernel (the fused_norm setting)")
     ap.add_argument("--profile", type=int, default=0,

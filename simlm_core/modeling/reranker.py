@@ -128,6 +128,7 @@ def pack_encoder_forward(model: PreTrainedModel) -> None:
                                           pooler_output=pooler(first) if pooler is not None else None)
 
     base.forward = forward
+    object.__setattr__(base, "_packed_encoder", packed)  # for inspection (its attention); not a submodule
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
