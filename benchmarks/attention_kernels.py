@@ -41,7 +41,8 @@ from simlm_core.modeling.attention_train import packed_attention_train  # noqa: 
 from simlm_core.modeling.packed_attention import packed_attention, triton_attention_available  # noqa: E402
 from simlm_core.modeling.triton_support import triton_available  # noqa: E402
 
-DEFAULT_TRAIN_CONFIGS = "64,32,4;64,64,4;32,32,4;32,64,4;64,32,8;128,32,8;128,64,8"
+# forward B_M,B_N,warps [, backward B_M,B_N,warps]: the library's pair first, then alternatives
+DEFAULT_TRAIN_CONFIGS = "64,32,4,32,32,4;64,32,4;32,32,4;64,64,4,32,32,4;64,32,4,16,32,4;32,32,4,32,64,4;64,32,8"
 DEFAULT_CONFIGS = "64,64,1,4;32,32,1,4;32,64,1,4;64,32,1,4;16,32,1,4;32,32,2,4;64,64,2,4;128,64,1,8;64,128,1,4"
 
 
@@ -144,8 +145,10 @@ def bench_train(args, device, peak, work: Path) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     H, D = args.heads, args.head_dim
     rows = []
-    train_configs = [tuple(int(x) for x in c.split(",")) for c in args.train_configs.split(";")] \
-        if triton_available(device) else []
+    train_configs = []  # (forward blocks, backward blocks); three numbers serve both
+    for c in (args.train_configs.split(";") if triton_available(device) else []):
+        nums = tuple(int(x) for x in c.split(","))
+        train_configs.append((nums[:3], nums[3:] or nums[:3]))
 
     def record(set_name: str, kernel: str, p: float, step: Callable[[], None], flops: float) -> None:
         try:
@@ -179,12 +182,12 @@ def bench_train(args, device, peak, work: Path) -> list[dict]:
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
         qkv = torch.randn(int(cu[-1]), 3, H, D, device=device, dtype=dtype, requires_grad=True)
         grad_p = torch.randn(int(cu[-1]), H, D, device=device, dtype=dtype)
-        for blocks in train_configs:
+        for fwd, bwd in train_configs:
             for p in (0.1, 0.0):
-                def step_t(blocks: tuple = blocks, p: float = p) -> None:
-                    packed_attention_train(*qkv.unbind(1), cu, cu, p, blocks).backward(grad_p)
+                def step_t(fwd: tuple = fwd, bwd: tuple = bwd, p: float = p) -> None:
+                    packed_attention_train(*qkv.unbind(1), cu, cu, p, fwd, bwd).backward(grad_p)
 
-                record(set_name, "triton-train " + ",".join(map(str, blocks)), p, step_t, flops)
+                record(set_name, f"triton-train {','.join(map(str, fwd))}/{','.join(map(str, bwd))}", p, step_t, flops)
     return rows
 
 
@@ -201,7 +204,7 @@ def main() -> None:
     ap.add_argument("--train-sdpa", default=None, help="training: SDPA kernels (cuda 'flash,cudnn,efficient'; cpu 'math')")
     ap.add_argument("--train-batch", type=int, default=None, help="training: passages (cuda 256; cpu 8)")
     ap.add_argument("--train-configs", default=DEFAULT_TRAIN_CONFIGS,
-                    help="training: our Triton kernel's blocks to try: 'B_M,B_N,warps;...'")
+                    help="training: our Triton kernel's blocks to try: 'B_M,B_N,warps[,bwd B_M,B_N,warps];...'")
     ap.add_argument("--train-queries", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--parts", default="encode,train")

@@ -76,6 +76,8 @@ def test_bad_inputs_are_refused_before_any_kernel(monkeypatch):
         packed_attention_train(x, x, x, cu.long(), cu.long())
     with pytest.raises(ValueError, match="blocks must be powers of two"):
         packed_attention_train(x, x, x, cu, cu, blocks=(16, 24, 4))
+    with pytest.raises(ValueError, match="blocks must be powers of two"):
+        packed_attention_train(x, x, x, cu, cu, backward_blocks=(8, 16, 4))
     with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
         packed_attention_train(x, x, x, cu, cu, dropout_p=1.0)
 

@@ -215,7 +215,8 @@ def attention_train_checks() -> dict:
 
     errors = {}
     for dtype in (torch.float32, torch.float16):  # not bf16: the interpreter's bf16 dot is wrong
-        for blocks in [(16, 16, 4), (64, 32, 4)]:
+        # forward and backward tiled alike, and differently (the mask must not depend on the tiles)
+        for blocks in [(16, 16, 4, 16, 16, 4), (64, 32, 4, 32, 64, 4)]:
             for first in (False, True):
                 for p in (0.0, 0.1):
                     qkv = torch.randn(int(cu[-1]), 3, heads, dim).to(dtype).requires_grad_()

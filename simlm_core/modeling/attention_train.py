@@ -29,10 +29,15 @@ import torch.nn.functional as F
 from simlm_core.modeling.fused_norm import dropout_threshold
 from simlm_core.modeling.triton_support import triton_available, triton_modules
 
-__all__ = ["attention_keep_mask", "packed_attention_train", "training_kernel_verified", "TRAIN_BLOCKS"]
+__all__ = ["attention_keep_mask", "packed_attention_train", "training_kernel_verified", "TRAIN_BLOCKS",
+           "TRAIN_BACKWARD_BLOCKS"]
 
-# (BLOCK_M, BLOCK_N, num_warps): not yet tuned on a GPU (benchmarks/attention_kernels.py --parts train).
+# (BLOCK_M, BLOCK_N, num_warps) of the forward and the backward kernel. Not yet timed on a GPU
+# (benchmarks/attention_kernels.py --parts train); chosen from their sm_90 builds
+# (benchmarks/triton_compile.py): no register spills, and 3 programs per SM each. The backward at
+# 64 x 32 needs 255 registers (2 programs per SM), at 64 x 64 it spills.
 TRAIN_BLOCKS: tuple[int, int, int] = (64, 32, 4)
+TRAIN_BACKWARD_BLOCKS: tuple[int, int, int] = (32, 32, 4)
 _LOG2E = 1.4426950408889634
 
 
@@ -45,7 +50,7 @@ def _kernels() -> Any:
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-           blocks: tuple[int, int, int]) -> None:
+           blocks: tuple[tuple[int, int, int], ...]) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"q, k, v must be [tokens, heads, dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     heads, d = q.shape[1], q.shape[2]
@@ -55,9 +60,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor
         raise ValueError(f"head dim must be a power of two >= 16, got {d}")
     if cu_q.numel() != cu_k.numel() or cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32:
         raise ValueError("cu_q and cu_k must be int32 offsets of the same number of texts")
-    block_m, block_n, _ = blocks
-    if block_m < 16 or block_n < 16 or block_n & (block_n - 1) or block_m & (block_m - 1):
-        raise ValueError(f"blocks must be powers of two >= 16, got {blocks}")
+    for block_m, block_n, _ in blocks:
+        if block_m < 16 or block_n < 16 or block_n & (block_n - 1) or block_m & (block_m - 1):
+            raise ValueError(f"blocks must be powers of two >= 16, got {(block_m, block_n)}")
     for x in (q, k, v):
         if x.stride(2) != 1:
             raise ValueError("q, k, v need unit stride over the head dim")
@@ -65,8 +70,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor
 
 @torch.library.custom_op("simlm::packed_attention_train", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                   seed: torch.Tensor, p: float, block_m: int, block_n: int, num_warps: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   seed: torch.Tensor, p: float, block_m: int, block_n: int, num_warps: int,
+                   bwd_block_m: int, bwd_block_n: int, bwd_num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     n, heads, d = cu_q.numel() - 1, q.shape[1], q.shape[2]
@@ -81,7 +86,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, seed, p, block_m, block_n, num_warps):
+def _(q, k, v, cu_q, cu_k, seed, p, block_m, block_n, num_warps, bwd_block_m, bwd_block_n, bwd_num_warps):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -114,16 +119,16 @@ def _(grad, q, k, v, out, lse, cu_q, cu_k, seed, p, block_m, block_n, num_warps)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, cu_q, cu_k, seed, p, block_m, block_n, num_warps = inputs
+    q, k, v, cu_q, cu_k, seed, p, _bm, _bn, _w, bwd_block_m, bwd_block_n, bwd_num_warps = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
-    ctx.settings = (p, block_m, block_n, num_warps)
+    ctx.settings = (p, bwd_block_m, bwd_block_n, bwd_num_warps)
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple:
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, seed, *ctx.settings)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, *([None] * 10)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -131,16 +136,18 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def packed_attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
                            cu_k: torch.Tensor, dropout_p: float = 0.0,
-                           blocks: tuple[int, int, int] = TRAIN_BLOCKS) -> torch.Tensor:
+                           blocks: tuple[int, int, int] = TRAIN_BLOCKS,
+                           backward_blocks: tuple[int, int, int] = TRAIN_BACKWARD_BLOCKS) -> torch.Tensor:
     """Softmax attention of each text's queries over its keys, with dropout ``dropout_p`` on the
     probabilities; differentiable in ``q``, ``k``, ``v``. Returns ``[Tq, heads, d]`` like ``q``.
-    ``blocks``: ``(BLOCK_M, BLOCK_N, num_warps)``."""
+    ``blocks`` / ``backward_blocks``: the forward / backward kernel's ``(BLOCK_M, BLOCK_N, num_warps)``
+    (the dropout mask does not depend on them)."""
     if not triton_available(q.device):
         raise RuntimeError(f"packed training attention runs on CUDA with Triton (or TRITON_INTERPRET=1), not {q.device}")
-    _check(q, k, v, cu_q, cu_k, blocks)
+    _check(q, k, v, cu_q, cu_k, (tuple(blocks), tuple(backward_blocks)))
     dropout_threshold(dropout_p)  # refuse a bad p before any kernel runs
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    out, _ = _attention_fwd(q, k, v, cu_q, cu_k, seed, float(dropout_p), *blocks)
+    out, _ = _attention_fwd(q, k, v, cu_q, cu_k, seed, float(dropout_p), *blocks, *backward_blocks)
     return out
 
 
