@@ -313,7 +313,10 @@ class BiencoderDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class BiencoderCollator:
-    """Tokenise a list of dataset items into one padded batch (queries and grouped passages)."""
+    """Tokenise a list of dataset items into one padded batch (queries and grouped passages).
+
+    Each side also carries ``num_tokens`` (a Python int: its real tokens), which packed training
+    uses so that it never reads the mask back from the device."""
 
     tokenizer: Any
     q_max_len: int = 32
@@ -330,7 +333,10 @@ class BiencoderCollator:
         titles = [t for f in features for t, _ in f["passages"]]
         texts = [x for f in features for _, x in f["passages"]]
         passage = tokenize_passages(self.tokenizer, titles, texts, self.p_max_len, self.passage_format, **pad)
-        batch: dict[str, Any] = {"query": dict(query), "passage": dict(passage)}
+        # Token counts from the host copy: packed training builds its flat batch on the device
+        # without reading the mask back (a host-device sync per encoder pass otherwise).
+        batch: dict[str, Any] = {"query": {**query, "num_tokens": int(query["attention_mask"].sum())},
+                                 "passage": {**passage, "num_tokens": int(passage["attention_mask"].sum())}}
         if "teacher_scores" in features[0]:
             batch["teacher_scores"] = torch.tensor(np.stack([f["teacher_scores"] for f in features]), dtype=torch.float32)
         return batch

@@ -34,6 +34,9 @@ def test_groups_positive_first_and_batch_shapes(tiny_dataset, tiny_bert_dir):
     assert batch["query"]["input_ids"].shape[0] == 3 and batch["query"]["input_ids"].shape[1] <= 8
     assert batch["passage"]["input_ids"].shape[0] == 12 and batch["passage"]["input_ids"].shape[1] <= 16
     assert "teacher_scores" not in batch
+    for side in ("query", "passage"):  # host-side token counts, for packed training (no sync)
+        assert batch[side]["num_tokens"] == int(batch[side]["attention_mask"].sum())
+        assert isinstance(batch[side]["num_tokens"], int)
     # first passage of each group is the positive passage's text
     item = data[0]
     title, text = item["passages"][0]

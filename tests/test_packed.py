@@ -220,3 +220,23 @@ def test_packed_training_refuses_other_encoders_and_cuda_graphs(tiny_dataset, ti
                               torch_compile_mode="reduce-overhead")
     with pytest.raises(ValueError, match="packed_training gives every batch its own token count"):
         build_trainer(args)
+
+
+
+def test_from_padded_with_the_hosts_token_count_never_reads_the_mask_back(monkeypatch):
+    """The collator's num_tokens spares the host-device sync (and the check) that from_padded
+    otherwise makes; the packed batch is the same."""
+    ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0]])
+    mask = (ids != 0).long()
+    checked = PackedBatch.from_padded(ids, mask)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("read the mask back")
+
+    monkeypatch.setattr(torch, "equal", no_sync)
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    monkeypatch.setattr(torch.Tensor, "__int__", no_sync)
+    trusted = PackedBatch.from_padded(ids, mask, num_tokens=7)
+    for name in ("input_ids", "positions", "seq_index", "cu_seqlens"):
+        assert (getattr(trusted, name) == getattr(checked, name)).all(), name
+    assert trusted.max_len == checked.max_len == 5

@@ -342,16 +342,18 @@ class BiEncoder(nn.Module):
 
     def _encode_batch(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.packed_training and self.training:
-            return self.encode_packed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            return self.encode_packed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                                      num_tokens=batch.get("num_tokens"))
         return self.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
     def encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      token_type_ids: torch.Tensor | None = None, num_tokens: int | None = None) -> torch.Tensor:
         """:meth:`encode` of a right-padded batch without computing its padding (training's path
-        with ``packed_training``; same result as :meth:`encode` up to float rounding and dropout)."""
+        with ``packed_training``; same result as :meth:`encode` up to float rounding and dropout).
+        ``num_tokens``: the mask's sum if the host knows it (the collator's), which spares a sync."""
         from simlm_core.modeling.packed import PackedBatch
 
-        batch = PackedBatch.from_padded(input_ids, attention_mask, token_type_ids)
+        batch = PackedBatch.from_padded(input_ids, attention_mask, token_type_ids, num_tokens)
         return self.normalized(self._packed_encoder.encode(batch))
 
     def forward(

@@ -115,16 +115,21 @@ class PackedBatch:
 
     @classmethod
     def from_padded(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    token_type_ids: torch.Tensor | None = None) -> "PackedBatch":
-        """From an ordinary right-padded batch (reads the mask on the host: for tests and tools)."""
+                    token_type_ids: torch.Tensor | None = None, num_tokens: int | None = None) -> "PackedBatch":
+        """From an ordinary right-padded batch. Without ``num_tokens`` (the mask's sum, known on the
+        host) this reads the mask back to count the tokens and check the right padding (a
+        host-device sync); with it, it trusts the caller (a tokenizer's right-padded batch) and
+        never waits for the device."""
         mask = attention_mask.bool()
         lengths = mask.sum(1)
-        if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]):
-            raise ValueError("attention_mask must be right-padded (ones, then zeros)")
+        if num_tokens is None:
+            if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]):
+                raise ValueError("attention_mask must be right-padded (ones, then zeros)")
+            num_tokens = int(lengths.sum())
         width = input_ids.shape[1]
         starts = torch.arange(input_ids.shape[0], device=input_ids.device) * width
         tts = None if token_type_ids is None else token_type_ids.reshape(-1)
-        return cls.from_flat(input_ids.reshape(-1), tts, starts, lengths, int(lengths.sum()), width)
+        return cls.from_flat(input_ids.reshape(-1), tts, starts, lengths, int(num_tokens), width)
 
 
 class PackedBertEncoder(nn.Module):
