@@ -9,7 +9,8 @@
 #                  "attention" is attention_kernels.py; its best Triton blocks go to later parts.
 #                  "biencoder-packed": the biencoder step on real passage lengths, padded vs packed_training.
 #                  "norm" is norm_kernels.py: dropout-add-LayerNorm, torch vs inductor vs our fused kernel.
-#                  Any training part with "-fused" appended (e.g. "biencoder-fused") runs with --fused-norm 1.
+#                  A training part with "-fusednorm", "-fusedattn" or "-fused" appended (e.g. "biencoder-fused")
+#                  runs with --fused-norm 1, --fused-attention 1 or both (our Triton training kernels).
 #   PACKED_ATTENTION  the packed encoder's attention kernels to time (default "auto"; e.g. "varlen,triton")
 #   TRITON_BLOCKS  the Triton attention kernel's blocks (default: the "attention" part's best)
 #   COMPILE_MODES  torch.compile modes of the compiled variants (default "default"); per part:
@@ -77,9 +78,13 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
     grep "psg/s" "$out/shard_profile-cuda.log"
     continue
   fi
-  fused=""
+  fused=""  # suffixes: -fusednorm, -fusedattn, -fused (both kernels)
   base=$part
-  if [ "${part%-fused}" != "$part" ]; then fused="--fused-norm 1"; base=${part%-fused}; fi
+  case $part in
+    *-fusednorm) fused="--fused-norm 1"; base=${part%-fusednorm};;
+    *-fusedattn) fused="--fused-attention 1"; base=${part%-fusedattn};;
+    *-fused) fused="--fused-norm 1 --fused-attention 1"; base=${part%-fused};;
+  esac
   case $base in
     encode) cap=200; args="--parts encode";;
     encode-bare) cap=150; args="--parts encode --encode-pipeline 0";;

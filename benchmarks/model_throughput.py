@@ -348,6 +348,7 @@ def profile_top(device: torch.device, label: str, fn: Callable[[], None], top: i
 
 KERNEL_CLASSES = [  # (class, name fragments), first match wins
     ("dropout-add-LayerNorm (ours)", ("dropout_add_layer_norm",)),
+    ("attention (ours)", ("attention_train_fwd", "attention_train_bwd", "packed_attention_fwd")),
     ("attention", ("flash", "fmha", "attention", "attn", "sdpa")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "triton_mm", "cublas", "splitk", "tst_")),
     ("optimizer", ("multi_tensor", "adam", "foreach")),
@@ -387,18 +388,27 @@ def optimizer_step(device: torch.device, opt: torch.optim.Optimizer,
     return step
 
 
-def maybe_fuse_norms(args, model: torch.nn.Module) -> str:
-    """``--fused-norm 1``: the model's dropout-add-LayerNorms on the fused kernel (the ``fused_norm``
-    train setting); returns the row-label suffix."""
-    if not args.fused_norm:
-        return ""
-    from simlm_core.modeling.fused_norm import fuse_dropout_add_layer_norm, fused_norm_available
-
-    count = fuse_dropout_add_layer_norm(model)
+def maybe_fuse(args, model: torch.nn.Module) -> str:
+    """``--fused-norm 1`` / ``--fused-attention 1``: the model's dropout-add-LayerNorms / attention on
+    our Triton kernels (the ``fused_norm`` / ``fused_attention`` train settings); row-label suffix."""
+    suffix = ""
     device = next(model.parameters()).device
-    where = "Triton" if fused_norm_available(device) else "torch ops"
-    print(f"   fused_norm: {count} dropout-add-LayerNorm blocks on {where}", flush=True)
-    return ", fused_norm"
+    if args.fused_norm:
+        from simlm_core.modeling.fused_norm import fuse_dropout_add_layer_norm, fused_norm_available
+
+        count = fuse_dropout_add_layer_norm(model)
+        print(f"   fused_norm: {count} dropout-add-LayerNorm blocks on "
+              f"{'Triton' if fused_norm_available(device) else 'torch ops'}", flush=True)
+        suffix += ", fused_norm"
+    if args.fused_attention:
+        from simlm_core.modeling.attention_train import training_kernel_verified, use_triton_attention
+
+        if training_kernel_verified(device):
+            print(f"   fused_attention: {use_triton_attention(model)} encoder(s) on the Triton kernel", flush=True)
+            suffix += ", fused_attention"
+        else:
+            print(f"   fused_attention: no verified Triton kernel on {device.type}: SDPA", flush=True)
+    return suffix
 
 
 def set_train_attention(args, model: torch.nn.Module) -> str:
@@ -759,7 +769,7 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     model = SimLMForPretraining(encoder, replacer=GeneratorReplacer(generator), decoder_layers=2).to(device)
     generator.to(device)
     model.train()
-    fused = maybe_fuse_norms(args, model)
+    fused = maybe_fuse(args, model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0, **({"fused": True} if device.type == "cuda" else {}))
 
@@ -833,7 +843,7 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
     model = BiEncoder(BertModel(BertConfig(vocab_size=VOCAB, max_position_embeddings=512, **enc_cfg)),
                       temperature=0.02).to(device)
     model.train()
-    fused = maybe_fuse_norms(args, model)
+    fused = maybe_fuse(args, model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5, **({"fused": True} if device.type == "cuda" else {}))
     gen = torch.Generator().manual_seed(0)
@@ -891,7 +901,7 @@ def padded_vs_packed(args, device, peak, part: str, label: str, unit: str, items
     for packed in (False, True):
         model = build(packed).to(device)
         model.train()
-        suffix = maybe_fuse_norms(args, model) + (set_train_attention(args, model) if packed else "")
+        suffix = maybe_fuse(args, model) + (set_train_attention(args, model) if packed else "")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 **({"fused": True} if device.type == "cuda" else {}))
 
@@ -1175,6 +1185,8 @@ def main() -> None:
                     help="padded-vs-packed training parts: also time each model through torch.compile")
     ap.add_argument("--bi-full-length", type=int, default=0,
                     help="biencoder-packed: passages that fill 144 tokens (no padding), comparable with 'biencoder'")
+    ap.add_argument("--fused-attention", type=int, default=0,
+                    help="training parts: attention on our Triton training kernel (the fused_attention setting)")
     ap.add_argument("--fused-norm", type=int, default=0,
                     help="training parts: dropout-add-LayerNorm on the fused Triton kernel (the fused_norm setting)")
     ap.add_argument("--profile", type=int, default=0,

@@ -37,7 +37,7 @@ rule train_generator:
     input:
         corpus=corpus_path(),
         tokenizer=local_model_inputs(base_encoder()),
-        code=core("pretraining.py", "training.py", "drivers/train_generator.py", *FUSED_NORM_CODE),
+        code=core("pretraining.py", "training.py", "drivers/train_generator.py", *PACKED_CODE),  # fused_*
     output:
         directory(generator_dir()),
     params:

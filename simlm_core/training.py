@@ -51,6 +51,10 @@ class TrainConfig:
     1,756 vs 1,430 compiled without graphs; pre-training then pads every batch to ``max_len`` so
     the graphs see one shape). Needs ``gradient_accumulation_steps: 1`` (checked before
     training). None / "default": torch's default."""
+    fused_attention: bool = False
+    """Train BERT/ELECTRA attention (forward, backward, dropout) on our Triton kernel
+    (:mod:`simlm_core.modeling.attention_train`), padded batches and ``packed_training`` alike: CUDA
+    only, after a self-check against SDPA (a failure keeps SDPA, with a warning)."""
     fused_norm: bool = False
     """Run every BERT/ELECTRA sublayer's dropout + residual add + LayerNorm as one Triton kernel,
     forward and backward (:mod:`simlm_core.modeling.fused_norm`; CUDA with Triton, torch ops
@@ -118,19 +122,12 @@ def check_cuda_graph_settings(cfg: TrainConfig) -> None:
 
 def check_packed_training(cfg: TrainConfig, packed_training: bool) -> None:
     """Refuse padding-free training under CUDA graphs: every packed batch has its own token count,
-    so the graph trees would record a new graph on (nearly) every step. On CUDA, also run the
-    Triton training attention's self-check (:func:`~simlm_core.modeling.attention_train.training_kernel_verified`)."""
+    so the graph trees would record a new graph on (nearly) every step."""
     if packed_training and uses_cuda_graphs(cfg):
         raise ValueError(
             f"packed_training gives every batch its own token count, so torch_compile_mode="
             f"{cfg.torch_compile_mode!r} (CUDA graphs, one per shape) would record a graph per step: "
             "use torch_compile_mode 'default' or switch packed_training off")
-    if packed_training and torch.cuda.is_available():
-        # Check our Triton training attention once, before any model is compiled (a trace cannot
-        # run the check); on failure packed training attends through SDPA instead.
-        from simlm_core.modeling.attention_train import training_kernel_verified
-
-        training_kernel_verified(torch.device("cuda"))
 
 
 def to_training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
@@ -221,6 +218,26 @@ def fuse_norms(model: torch.nn.Module) -> int:
     return count
 
 
+def fuse_attention(model: torch.nn.Module) -> int:
+    """``fused_attention``: ``model``'s BERT/ELECTRA attention on our Triton kernel, where it runs and
+    passes its self-check (else SDPA stays, and this says why); returns how many encoders switched."""
+    from simlm_core.modeling.attention_train import training_kernel_verified, use_triton_attention
+    from simlm_core.modeling.triton_support import triton_available
+
+    device = torch.device("cuda") if torch.cuda.is_available() else next(model.parameters()).device
+    if not triton_available(device):
+        print(f"[simlm] fused_attention: no Triton kernel on {device.type}: attention stays SDPA")
+        return 0
+    if not training_kernel_verified(device):  # warns with the reason
+        print("[simlm] fused_attention: the kernel failed its self-check: attention stays SDPA")
+        return 0
+    count = use_triton_attention(model)
+    if count == 0:
+        raise ValueError(f"fused_attention: {type(model).__name__} has no BERT or ELECTRA encoder")
+    print(f"[simlm] fused_attention: {count} encoder(s) attend through the Triton kernel")
+    return count
+
+
 def train_and_save(
     trainer: Trainer,
     cfg: TrainConfig,
@@ -234,6 +251,8 @@ def train_and_save(
     """
     if cfg.fused_norm:
         fuse_norms(trainer.model)
+    if cfg.fused_attention:
+        fuse_attention(trainer.model)
     resume = last_checkpoint(cfg.work_dir)
     if resume:
         print(f"[simlm] resuming from {resume}")

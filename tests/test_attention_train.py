@@ -57,6 +57,14 @@ def test_packed_bert_trains_on_the_kernel_like_on_sdpa(interpreted):
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
+def test_transformers_models_switched_to_the_kernel_train_like_on_sdpa(interpreted):
+    hf = interpreted["transformers"]
+    assert hf["bert switched"] == hf["electra switched"] == 1
+    for key in ("bert eager", "bert compiled", "electra eager"):
+        assert hf[key]["same_grad_names"], key
+        assert hf[key]["loss"] < 1e-5 and hf[key]["grads"] < 1e-6, (key, hf[key])
+
+
 def test_not_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not training_kernel_verified(torch.device("cpu"))
@@ -105,16 +113,63 @@ def test_a_failing_kernel_is_reported_once_and_not_used(monkeypatch):
 def test_trainable_packed_encoder_picks_its_attention(monkeypatch):
     from transformers import BertConfig, BertModel
 
+    from simlm_core.modeling import packed
+    from simlm_core.modeling.attention_train import use_triton_attention
     from simlm_core.modeling.packed import PackedBertEncoder
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=64))
     auto = PackedBertEncoder(bert, trainable=True)
-    assert auto.attention_kernel(torch.zeros(1)) == "padded"  # fp32: SDPA
-    assert auto.attention_kernel(torch.zeros(1, dtype=torch.bfloat16)) == "padded"  # CPU: no Triton kernel
+    half = torch.zeros(1, dtype=torch.bfloat16)
+    assert auto.attention_kernel(torch.zeros(1)) == "padded"  # not switched: SDPA
+    assert auto.attention_kernel(half) == "padded"
     assert PackedBertEncoder(bert, trainable=True, attention="triton").attention_kernel(torch.zeros(1)) == "triton"
     assert PackedBertEncoder(bert, trainable=True, attention="varlen").attention_kernel(torch.zeros(1)) == "padded"
-    monkeypatch.setattr(attention_train, "_VERIFIED", {"cpu": True})
-    monkeypatch.setattr(attention_train, "triton_available", lambda device: True)
-    assert auto.attention_kernel(torch.zeros(1, dtype=torch.bfloat16)) == "triton"
+    assert use_triton_attention(bert) == 1  # fused_attention
+    assert auto.attention_kernel(half) == "padded"  # CPU: no Triton kernel
+    monkeypatch.setattr(packed, "triton_available", lambda device: True)
+    assert auto.attention_kernel(half) == "triton"
+    assert auto.attention_kernel(torch.zeros(1)) == "padded"  # fp32: SDPA
+
+
+def test_switched_model_saves_a_plain_config(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from simlm_core.modeling.attention_train import HF_ATTENTION, use_triton_attention
+
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64))
+    assert use_triton_attention(bert) == 1 and bert.config._attn_implementation == HF_ATTENTION
+    bert.save_pretrained(tmp_path)
+    assert HF_ATTENTION not in (tmp_path / "config.json").read_text()
+    assert BertModel.from_pretrained(tmp_path).config._attn_implementation != HF_ATTENTION
+
+
+def test_key_lengths_from_every_mask_form():
+    from simlm_core.modeling.attention_train import _key_lengths
+
+    mask2d = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    want = torch.tensor([3, 2], dtype=torch.int32)
+    cpu = torch.device("cpu")
+    assert torch.equal(_key_lengths(mask2d, 2, 4, cpu), want)
+    assert torch.equal(_key_lengths(mask2d.bool()[:, None, None, :], 2, 4, cpu), want)
+    additive = torch.where(mask2d.bool(), 0.0, torch.finfo(torch.float32).min)[:, None, None, :].expand(2, 1, 4, 4)
+    assert torch.equal(_key_lengths(additive, 2, 4, cpu), want)
+    assert torch.equal(_key_lengths(None, 2, 4, cpu), torch.tensor([4, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"expected a \[2, 5\] padding mask"):
+        _key_lengths(mask2d, 2, 5, cpu)
+
+
+def test_fused_attention_switch_on_cpu_keeps_sdpa(monkeypatch, capsys):
+    from transformers import BertConfig, BertModel
+
+    from simlm_core.training import TrainConfig, fuse_attention
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64))
+    assert fuse_attention(bert) == 0
+    assert "fused_attention: no Triton kernel on cpu: attention stays SDPA" in capsys.readouterr().out
+    assert bert.config._attn_implementation == "sdpa"
+    assert TrainConfig(output_dir="o", work_dir="w").fused_attention is False

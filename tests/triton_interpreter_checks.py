@@ -224,7 +224,8 @@ def attention_train_checks() -> dict:
                     cu_q = torch.arange(len(lengths) + 1, dtype=torch.int32) if first else cu
                     if first:
                         q = q[cu[:-1].long()]
-                    out, _ = _attention_fwd(q, k, v, cu_q, cu, seed, p, *blocks)
+                    out, _ = _attention_fwd(q, k, v, cu_q[:-1], cu_q.diff(), cu[:-1], cu.diff(), seed, p,
+                                            dim ** -0.5, *blocks)
                     ref = reference(q, k, v, cu_q, p)
                     grad = torch.randn(ref.shape)
                     got_g = torch.autograd.grad(out, qkv, grad.to(dtype), retain_graph=True)[0]
@@ -241,7 +242,54 @@ def attention_train_checks() -> dict:
         "texts_differ": not torch.equal(masks[0], masks[4]),
         "verified": training_kernel_verified(torch.device("cpu")),
         "encoder": _train_attention_encoder_errors(),
+        "transformers": _hf_attention_errors(),
     }
+
+
+def _hf_attention_errors() -> dict:
+    """transformers' own BERT and ELECTRA on a right-padded batch, switched to the kernel
+    (``fused_attention``) against SDPA: dropout 0, loss and gradients, eager and compiled."""
+    import copy
+
+    from transformers import BertConfig, BertModel, ElectraConfig, ElectraForSequenceClassification
+
+    from simlm_core.modeling.attention_train import use_triton_attention
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    lengths = torch.tensor([5, 11, 2])
+    ids = torch.randint(5, 120, (3, 11))
+    mask = (torch.arange(11)[None, :] < lengths[:, None]).long()
+    models = {
+        "bert": (BertModel(BertConfig(**small), add_pooling_layer=False),
+                 lambda m: (m(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]).pow(2).mean()),
+        "electra": (ElectraForSequenceClassification(ElectraConfig(embedding_size=32, num_labels=1, **small)),
+                    lambda m: m(input_ids=ids, attention_mask=mask).logits.pow(2).mean()),
+    }
+    out = {}
+    for name, (plain, loss_fn) in models.items():
+        plain.train()
+        switched = copy.deepcopy(plain)
+        out[f"{name} switched"] = use_triton_attention(switched)
+
+        def loss_and_grads(model):
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model)
+            loss.backward()
+            return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()
+                                   if p.grad is not None}
+
+        ref_loss, ref_grads = loss_and_grads(plain)
+        runs = {"eager": switched}
+        if name == "bert":
+            runs["compiled"] = torch.compile(switched, dynamic=True)
+        for run, model in runs.items():
+            loss, grads = loss_and_grads(model)
+            out[f"{name} {run}"] = {"loss": float((loss - ref_loss).abs() / ref_loss.abs()),
+                                    "grads": max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()),
+                                    "same_grad_names": sorted(grads) == sorted(ref_grads)}
+    return out
 
 
 def _train_attention_encoder_errors() -> dict:

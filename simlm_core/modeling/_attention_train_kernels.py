@@ -1,7 +1,9 @@
 """Triton kernels of :mod:`simlm_core.modeling.attention_train` (imported on first use: needs Triton).
 
 Module-level, because a jitted kernel finds the jitted helpers it calls among its module's globals.
-One program per (text, head). Scores are kept in the log2 domain (``qk_scale`` folds in log2 e);
+One program per (text, head); text ``i``'s query rows start at row ``q_starts[i]`` of Q (``q_lens[i]``
+of them) and its keys at row ``k_starts[i]`` of K and V (``k_lens[i]``): packed texts, or a padded
+batch's rows with their real key counts. Scores are kept in the log2 domain (``qk_scale`` folds in log2 e);
 ``LSE`` holds each query row's log2-sum-exp2 of its scores, which the backward pass uses to
 rebuild the probabilities without a second softmax.
 """
@@ -29,17 +31,17 @@ def keep_tile(seed, rows, n0, text, head, threshold, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def attention_train_fwd(Q, K, V, O, LSE, cu_q, cu_k, SEED, qk_scale, threshold, drop_scale,
+def attention_train_fwd(Q, K, V, O, LSE, q_starts, q_lens, k_starts, k_lens, SEED, qk_scale, threshold, drop_scale,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         stride_ot, stride_oh, stride_lt,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         DROPOUT: tl.constexpr):
     text = tl.program_id(0)
     head = tl.program_id(1)
-    q_start = tl.load(cu_q + text).to(tl.int64)
-    q_len = (tl.load(cu_q + text + 1) - tl.load(cu_q + text))
-    k_start = tl.load(cu_k + text).to(tl.int64)
-    k_len = (tl.load(cu_k + text + 1) - tl.load(cu_k + text))
+    q_start = tl.load(q_starts + text).to(tl.int64)
+    q_len = tl.load(q_lens + text)
+    k_start = tl.load(k_starts + text).to(tl.int64)
+    k_len = tl.load(k_lens + text)
     seed = tl.load(SEED)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -75,7 +77,8 @@ def attention_train_fwd(Q, K, V, O, LSE, cu_q, cu_k, SEED, qk_scale, threshold, 
 
 
 @triton.jit
-def attention_train_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, cu_q, cu_k, SEED, qk_scale, sm_scale,
+def attention_train_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, q_starts, q_lens, k_starts, k_lens, SEED, qk_scale,
+                        sm_scale,
                         threshold, drop_scale,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                         stride_dot, stride_doh, stride_lt, stride_dqt, stride_dqh, stride_dkt, stride_dkh,
@@ -84,10 +87,10 @@ def attention_train_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, cu_q, cu_k, SEED, q
     """dK and dV of each key block in registers (outer loop); dQ summed with atomic adds (fp32)."""
     text = tl.program_id(0)
     head = tl.program_id(1)
-    q_start = tl.load(cu_q + text).to(tl.int64)
-    q_len = (tl.load(cu_q + text + 1) - tl.load(cu_q + text))
-    k_start = tl.load(cu_k + text).to(tl.int64)
-    k_len = (tl.load(cu_k + text + 1) - tl.load(cu_k + text))
+    q_start = tl.load(q_starts + text).to(tl.int64)
+    q_len = tl.load(q_lens + text)
+    k_start = tl.load(k_starts + text).to(tl.int64)
+    k_len = tl.load(k_lens + text)
     seed = tl.load(SEED)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

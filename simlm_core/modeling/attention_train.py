@@ -13,6 +13,11 @@ from the seed instead of storing a mask).
 ``d``), ``cu_q``/``cu_k`` int32 ``[N+1]``: text ``i``'s queries attend to its keys only. Queries
 may be every token (``cu_q == cu_k``) or one per text (its [CLS]; ``cu_q = arange(N + 1)``).
 
+For ordinary (padded) batches, :func:`use_triton_attention` registers the kernel with transformers'
+attention interface as ``"simlm_triton"`` and switches a BERT/ELECTRA to it: each row of a
+right-padded batch is a text whose keys end at its mask's length (no host-device sync: the
+lengths stay on the device). Packed trainable encoders of a switched model use it too.
+
 Dropout drops a probability when its 16 bits are ``< round(p * 65536)`` and scales the rest by
 ``65536 / (65536 - round(p * 65536))``, as :mod:`simlm_core.modeling.fused_norm` does; the
 softmax normaliser counts every score (dropout applies after the softmax, as in BERT).
@@ -29,8 +34,8 @@ import torch.nn.functional as F
 from simlm_core.modeling.fused_norm import dropout_threshold
 from simlm_core.modeling.triton_support import triton_available, triton_modules
 
-__all__ = ["attention_keep_mask", "packed_attention_train", "training_kernel_verified", "TRAIN_BLOCKS",
-           "TRAIN_BACKWARD_BLOCKS"]
+__all__ = ["HF_ATTENTION", "attention_keep_mask", "hf_attention", "packed_attention_train", "training_kernel_verified",
+           "use_triton_attention", "TRAIN_BLOCKS", "TRAIN_BACKWARD_BLOCKS"]
 
 # (BLOCK_M, BLOCK_N, num_warps) of the forward and the backward kernel. Not yet timed on a GPU
 # (benchmarks/attention_kernels.py --parts train); chosen from their sm_90 builds
@@ -69,16 +74,17 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor
 
 
 @torch.library.custom_op("simlm::packed_attention_train", mutates_args=())
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                   seed: torch.Tensor, p: float, block_m: int, block_n: int, num_warps: int,
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
+                   k_starts: torch.Tensor, k_lens: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
+                   block_m: int, block_n: int, num_warps: int,
                    bwd_block_m: int, bwd_block_n: int, bwd_num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    n, heads, d = cu_q.numel() - 1, q.shape[1], q.shape[2]
+    n, heads, d = q_starts.numel(), q.shape[1], q.shape[2]
     if n and q.shape[0]:
-        threshold, scale = dropout_threshold(p)
+        threshold, drop_scale = dropout_threshold(p)
         _kernels().attention_train_fwd[(n, heads)](
-            q, k, v, out, lse, cu_q, cu_k, seed, _LOG2E / math.sqrt(d), threshold, scale,
+            q, k, v, out, lse, q_starts, q_lens, k_starts, k_lens, seed, scale * _LOG2E, threshold, drop_scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
             D=d, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=threshold > 0, num_warps=num_warps)
@@ -86,49 +92,50 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, seed, p, block_m, block_n, num_warps, bwd_block_m, bwd_block_n, bwd_num_warps):
+def _(q, k, v, q_starts, q_lens, k_starts, k_lens, seed, p, scale, block_m, block_n, num_warps,
+      bwd_block_m, bwd_block_n, bwd_num_warps):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @torch.library.custom_op("simlm::packed_attention_train_backward", mutates_args=())
 def _attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, seed: torch.Tensor, p: float,
+                   lse: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor, k_starts: torch.Tensor,
+                   k_lens: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
                    block_m: int, block_n: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = grad.contiguous()
     delta = (grad.float() * out.float()).sum(-1)  # rowsum(dO * O) = sum_j P_ij dP_ij, per query row and head
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    n, heads, d = cu_q.numel() - 1, q.shape[1], q.shape[2]
+    # Zeroed: keys no query reads (a padded batch's padding) get no gradient from the kernel.
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    n, heads, d = q_starts.numel(), q.shape[1], q.shape[2]
     if n and q.shape[0]:
-        threshold, scale = dropout_threshold(p)
+        threshold, drop_scale = dropout_threshold(p)
         _kernels().attention_train_bwd[(n, heads)](
-            q, k, v, grad, lse, delta, dq, dk, dv, cu_q, cu_k, seed, _LOG2E / math.sqrt(d), 1.0 / math.sqrt(d),
-            threshold, scale,
+            q, k, v, grad, lse, delta, dq, dk, dv, q_starts, q_lens, k_starts, k_lens, seed, scale * _LOG2E,
+            scale, threshold, drop_scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             grad.stride(0), grad.stride(1), lse.stride(0), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
             D=d, BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=threshold > 0, num_warps=num_warps)
-    if k.shape[0] and (n == 0 or q.shape[0] == 0):
-        dk.zero_(), dv.zero_()
     return dq.to(q.dtype), dk, dv
 
 
 @_attention_bwd.register_fake
-def _(grad, q, k, v, out, lse, cu_q, cu_k, seed, p, block_m, block_n, num_warps):
+def _(grad, q, k, v, out, lse, q_starts, q_lens, k_starts, k_lens, seed, p, scale, block_m, block_n, num_warps):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, cu_q, cu_k, seed, p, _bm, _bn, _w, bwd_block_m, bwd_block_n, bwd_num_warps = inputs
+    q, k, v, q_starts, q_lens, k_starts, k_lens, seed, p, scale = inputs[:10]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
-    ctx.settings = (p, bwd_block_m, bwd_block_n, bwd_num_warps)
+    ctx.save_for_backward(q, k, v, out, lse, q_starts, q_lens, k_starts, k_lens, seed)
+    ctx.settings = (p, scale, *inputs[13:16])
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple:
-    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, seed, *ctx.settings)
-    return dq, dk, dv, *([None] * 10)
+    q, k, v, out, lse, q_starts, q_lens, k_starts, k_lens, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, q_starts, q_lens, k_starts, k_lens, seed, *ctx.settings)
+    return dq, dk, dv, *([None] * 13)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -145,9 +152,17 @@ def packed_attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if not triton_available(q.device):
         raise RuntimeError(f"packed training attention runs on CUDA with Triton (or TRITON_INTERPRET=1), not {q.device}")
     _check(q, k, v, cu_q, cu_k, (tuple(blocks), tuple(backward_blocks)))
+    return _run(q, k, v, cu_q[:-1], cu_q[1:] - cu_q[:-1], cu_k[:-1], cu_k[1:] - cu_k[:-1], dropout_p,
+                1.0 / math.sqrt(q.shape[-1]), blocks, backward_blocks)
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
+         k_starts: torch.Tensor, k_lens: torch.Tensor, dropout_p: float, scale: float,
+         blocks: tuple[int, int, int], backward_blocks: tuple[int, int, int]) -> torch.Tensor:
     dropout_threshold(dropout_p)  # refuse a bad p before any kernel runs
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    out, _ = _attention_fwd(q, k, v, cu_q, cu_k, seed, float(dropout_p), *blocks, *backward_blocks)
+    out, _ = _attention_fwd(q, k, v, q_starts, q_lens, k_starts, k_lens, seed, float(dropout_p), float(scale),
+                            *blocks, *backward_blocks)
     return out
 
 
@@ -210,3 +225,66 @@ def _self_check(device: torch.device) -> float:
     out, ref = out.detach().float(), ref.detach()
     return max(float((out - ref).abs().max() / ref.abs().max()),
                float((got.float() - want).abs().max() / want.abs().max()))
+
+
+HF_ATTENTION = "simlm_triton"
+"""The name of this kernel in transformers' attention interface (``config._attn_implementation``)."""
+
+
+def _key_lengths(mask: torch.Tensor | None, batch: int, keys: int, device: torch.device) -> torch.Tensor:
+    """Each row's real key count from the mask transformers hands the attention function: None (no
+    padding), a 2D ``[B, L]`` 0/1 mask, or a 4D ``[B, 1, Lq | 1, L]`` boolean or additive one."""
+    if mask is None:
+        return torch.full((batch,), keys, dtype=torch.int32, device=device)
+    if mask.dim() == 4:
+        mask = mask[:, 0, 0, :]
+        mask = mask if mask.dtype == torch.bool else mask == 0  # additive: 0 where attended
+    if mask.dim() != 2 or mask.shape != (batch, keys):
+        raise ValueError(f"expected a [{batch}, {keys}] padding mask, got {tuple(mask.shape)}")
+    return mask.sum(-1, dtype=torch.int32)
+
+
+def hf_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: ``[B, H, L, D]`` q/k/v of a right-padded batch ->
+    ``([B, L, H, D], None)``. Rows past a text's length (padding) attend like SDPA's with a key mask."""
+    batch, heads, q_len, d = query.shape
+    k_len = key.shape[2]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, D] view of a [B, L, H, D] projection -> [B*L, H, D]
+        return x.transpose(1, 2).reshape(batch * x.shape[2], heads, d)
+
+    index = torch.arange(batch, dtype=torch.int32, device=query.device)
+    out = _run(rows(query), rows(key), rows(value), index * q_len,
+               torch.full((batch,), q_len, dtype=torch.int32, device=query.device), index * k_len,
+               _key_lengths(attention_mask, batch, k_len, query.device), dropout,
+               scaling if scaling is not None else d ** -0.5, TRAIN_BLOCKS, TRAIN_BACKWARD_BLOCKS)
+    return out.view(batch, q_len, heads, d), None
+
+
+def _hf_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                     mask_function: Any = None, attention_mask: torch.Tensor | None = None,
+                     **kwargs: Any) -> torch.Tensor | None:
+    """The mask transformers builds for :func:`hf_attention`: the 2D padding mask as given (not
+    checked for padding, which would read it back from the device)."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
+def use_triton_attention(model: torch.nn.Module) -> int:
+    """Switch every BERT/ELECTRA in ``model`` to this kernel (``config._attn_implementation =
+    "simlm_triton"``, registered with transformers on first use); returns how many configs changed.
+    Not saved with the model: transformers does not serialise the attention implementation."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(HF_ATTENTION, hf_attention)
+    AttentionMaskInterface.register(HF_ATTENTION, _hf_padding_mask)
+    seen: set[int] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "model_type", None) in ("bert", "electra") and id(config) not in seen \
+                and hasattr(config, "_attn_implementation"):
+            seen.add(id(config))
+            config._attn_implementation = HF_ATTENTION
+    return len(seen)

@@ -20,9 +20,9 @@ query/key/value matrix) and the same arithmetic as transformers' ``BertModel``, 
 Training (``trainable=True``, for padding-free biencoder training): the fused projection is
 built from the live query/key/value weights on every call, so gradients reach them; the BERT's
 own dropout modules apply (embeddings, attention output, feed-forward output, attention
-probabilities) whenever the BERT is in training mode; attention is, on CUDA in fp16/bf16, our
-Triton training kernel (:mod:`simlm_core.modeling.attention_train`: dropout, backward, no
-padding) once its self-check has passed, else SDPA on padded q/k/v; and [CLS] pooling still
+probabilities) whenever the BERT is in training mode; attention is SDPA on padded q/k/v or, for a
+BERT switched to it (``fused_attention``), our Triton training kernel on CUDA in fp16/bf16
+(:mod:`simlm_core.modeling.attention_train`: dropout, backward, no padding); and [CLS] pooling still
 skips the last layer's other rows, which no loss reads. The sublayer ends (dropout, residual
 add, LayerNorm) run through the BERT's own ``*Output`` modules, so ``fused_norm``
 (:mod:`simlm_core.modeling.fused_norm`) reaches them. Supported: a ``bert`` encoder with absolute positions;
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from simlm_core.modeling.attention_train import packed_attention_train, training_kernel_verified
+from simlm_core.modeling.attention_train import HF_ATTENTION, packed_attention_train
+from simlm_core.modeling.triton_support import triton_available
 from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS, packed_attention, triton_attention_available
 
 __all__ = ["PACKED_MODEL_TYPES", "PackedBatch", "PackedBertEncoder", "packed_support", "varlen_available"]
@@ -140,7 +141,8 @@ class PackedBertEncoder(nn.Module):
     ``"padded"`` (SDPA on padded q/k/v with a key mask; any device) or ``"auto"`` (for q/k/v in
     fp16/bf16, i.e. half weights or autocast, on CUDA: Triton if importable, else varlen; else padded).
     Trainable encoders attend with ``"triton"`` (the training kernel, with dropout and backward) or
-    ``"padded"``; their ``"auto"`` is the Triton kernel for fp16/bf16 q/k/v where it passed its check.
+    ``"padded"``; their ``"auto"`` is the Triton kernel for fp16/bf16 q/k/v on CUDA when the BERT was
+    switched to it (``fused_attention``: :func:`~simlm_core.modeling.attention_train.use_triton_attention`).
     ``attention_blocks``: the Triton kernel's ``(BLOCK_M, BLOCK_N, heads per program, warps)``.
     ``trainable``: for training (see the module doc); otherwise the encoder is put in eval mode
     and the fused projection is a frozen copy (inference only). ``pooling="tokens"`` returns
@@ -160,6 +162,7 @@ class PackedBertEncoder(nn.Module):
         if attention not in ("auto", "varlen", "triton", "padded"):
             raise ValueError(f"attention must be 'auto', 'varlen', 'triton' or 'padded', got {attention!r}")
         cfg = bert.config
+        self.bert_config = cfg
         self.pooling = pooling
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -235,9 +238,10 @@ class PackedBertEncoder(nn.Module):
         if self.trainable:  # training: our Triton kernel (dropout, backward) or SDPA on padded q/k/v
             if self.attention == "triton":
                 return "triton"
-            if self.attention != "auto" or q.dtype not in (torch.float16, torch.bfloat16):
+            switched = getattr(self.bert_config, "_attn_implementation", None) == HF_ATTENTION  # fused_attention
+            if self.attention != "auto" or not switched or q.dtype not in (torch.float16, torch.bfloat16):
                 return "padded"
-            return "triton" if training_kernel_verified(q.device) else "padded"
+            return "triton" if triton_available(q.device) else "padded"
         if self.attention != "auto":
             return self.attention
         if q.dtype not in (torch.float16, torch.bfloat16):  # fp32: SDPA, not tensor-core TF32 kernels
