@@ -117,4 +117,5 @@ def test_fused_norm_is_a_train_setting_off_by_default():
     assert TrainConfig(output_dir="o", work_dir="w").fused_norm is False
     schema = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
     for section in ("biencoder_train", "reranker_train", "pretrain_train"):
-        assert "fused_norm" in schema["$defs"][section]["properties"], section
+        for key in ("fused_norm", "fused_attention"):
+            assert key in schema["$defs"][section]["properties"], (section, key)
