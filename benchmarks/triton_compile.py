@@ -70,19 +70,20 @@ def kernel_specs(hidden: int, head_dim: int) -> dict[str, tuple[Any, list[tuple[
 
     strides = lambda names: [(n, "i32") for n in names.split()]  # noqa: E731
     qkvo = [("Q", "*bf16"), ("K", "*bf16"), ("V", "*bf16")]
+    bounds = [("q_starts", "*i32"), ("q_lens", "*i32"), ("k_starts", "*i32"), ("k_lens", "*i32")]
     return {
         "packed_attention_fwd": (_kernel(), qkvo + [("O", "*bf16"), ("cu_q", "*i32"), ("cu_k", "*i32"),
                                                     ("qk_scale", "fp32")]
                                  + strides("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh stride_ot stride_oh"),
                                  dict(D=head_dim, WIDE=False)),
         "attention_train_fwd": (A.attention_train_fwd, qkvo + [
-            ("O", "*bf16"), ("LSE", "*fp32"), ("cu_q", "*i32"), ("cu_k", "*i32"), ("SEED", "*i64"),
+            ("O", "*bf16"), ("LSE", "*fp32"), *bounds, ("SEED", "*i64"),
             ("qk_scale", "fp32"), ("threshold", "i32"), ("drop_scale", "fp32")]
             + strides("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh stride_ot stride_oh stride_lt"),
             dict(D=head_dim, DROPOUT=True)),
         "attention_train_bwd": (A.attention_train_bwd, qkvo + [
             ("DO", "*bf16"), ("LSE", "*fp32"), ("DELTA", "*fp32"), ("DQ", "*fp32"), ("DK", "*bf16"), ("DV", "*bf16"),
-            ("cu_q", "*i32"), ("cu_k", "*i32"), ("SEED", "*i64"), ("qk_scale", "fp32"), ("sm_scale", "fp32"),
+            *bounds, ("SEED", "*i64"), ("qk_scale", "fp32"), ("sm_scale", "fp32"),
             ("threshold", "i32"), ("drop_scale", "fp32")]
             + strides("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh stride_dot stride_doh stride_lt "
                       "stride_dqt stride_dqh stride_dkt stride_dkh"),
@@ -106,8 +107,10 @@ def compile_one(fn: Any, args: list[tuple[str, str]], constexprs: dict, arch: in
     from triton.backends.nvidia import compiler as nvidia
     from triton.compiler import ASTSource
 
-    names = [n for n, _ in args] + list(constexprs)
+    names = list(fn.arg_names)
     signature = {n: t for n, t in args} | {n: "constexpr" for n in constexprs}
+    if sorted(signature) != sorted(names):
+        raise ValueError(f"the spec's arguments {sorted(signature)} are not the kernel's {sorted(names)}")
     # What torch's allocations give a real call: 16-byte-aligned pointers, strides and sizes
     # divisible by 16 (Triton specialises on it and vectorises loads).
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in args
