@@ -63,16 +63,15 @@ SWEEP = {
 def kernel_specs(hidden: int, head_dim: int) -> dict[str, tuple[Any, list[tuple[str, str]], dict]]:
     """Per kernel: (jitted function, [(argument, Triton type)], fixed constexprs), as the library calls it
     under bf16 autocast (sublayer outputs and q/k/v bf16, the residual stream and statistics fp32)."""
-    from simlm_core.modeling import _attention_train_kernels as A
+    from simlm_core.modeling import _attention_kernels as A
     from simlm_core.modeling import _fused_norm_kernels as N
     from simlm_core.modeling.fused_norm import _groups
-    from simlm_core.modeling.packed_attention import _kernel
 
     strides = lambda names: [(n, "i32") for n in names.split()]  # noqa: E731
     qkvo = [("Q", "*bf16"), ("K", "*bf16"), ("V", "*bf16")]
     bounds = [("q_starts", "*i32"), ("q_lens", "*i32"), ("k_starts", "*i32"), ("k_lens", "*i32")]
     return {
-        "packed_attention_fwd": (_kernel(), qkvo + [("O", "*bf16"), ("cu_q", "*i32"), ("cu_k", "*i32"),
+        "packed_attention_fwd": (A.packed_attention_fwd, qkvo + [("O", "*bf16"), ("cu_q", "*i32"), ("cu_k", "*i32"),
                                                     ("qk_scale", "fp32")]
                                  + strides("stride_qt stride_qh stride_kt stride_kh stride_vt stride_vh stride_ot stride_oh"),
                                  dict(D=head_dim, WIDE=False)),

@@ -171,7 +171,7 @@ FUSED_NORM_CODE = ("modeling/fused_norm.py", "modeling/_fused_norm_kernels.py", 
 # The padding-free encoder and its Triton kernels (packed encoding, scoring and packed_training).
 PACKED_CODE = (
     "modeling/packed.py", "modeling/packed_attention.py", "modeling/attention_train.py",
-    "modeling/_attention_train_kernels.py", *FUSED_NORM_CODE,
+    "modeling/_attention_kernels.py", *FUSED_NORM_CODE,
 )
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from simlm_core.modeling.fused_norm import dropout_threshold
+from simlm_core.modeling.packed_attention import check_packed_qkv
 from simlm_core.modeling.triton_support import triton_available, triton_modules
 
 __all__ = ["HF_ATTENTION", "attention_keep_mask", "hf_attention", "packed_attention_train", "training_kernel_verified",
@@ -49,28 +50,15 @@ _LOG2E = 1.4426950408889634
 def _kernels() -> Any:
     if triton_modules() is None:
         raise RuntimeError("packed training attention needs Triton (pip install triton; CUDA)")
-    from simlm_core.modeling import _attention_train_kernels
+    from simlm_core.modeling import _attention_kernels
 
-    return _attention_train_kernels
+    return _attention_kernels
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-           blocks: tuple[tuple[int, int, int], ...]) -> None:
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"q, k, v must be [tokens, heads, dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    heads, d = q.shape[1], q.shape[2]
-    if k.shape[1:] != (heads, d) or v.shape != k.shape:
-        raise ValueError(f"k and v must be [tokens, {heads}, {d}] like q; got {tuple(k.shape)}, {tuple(v.shape)}")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head dim must be a power of two >= 16, got {d}")
-    if cu_q.numel() != cu_k.numel() or cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32:
-        raise ValueError("cu_q and cu_k must be int32 offsets of the same number of texts")
+def _check_blocks(*blocks: tuple[int, int, int]) -> None:
     for block_m, block_n, _ in blocks:
         if block_m < 16 or block_n < 16 or block_n & (block_n - 1) or block_m & (block_m - 1):
             raise ValueError(f"blocks must be powers of two >= 16, got {(block_m, block_n)}")
-    for x in (q, k, v):
-        if x.stride(2) != 1:
-            raise ValueError("q, k, v need unit stride over the head dim")
 
 
 @torch.library.custom_op("simlm::packed_attention_train", mutates_args=())
@@ -151,7 +139,8 @@ def packed_attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     (the dropout mask does not depend on them)."""
     if not triton_available(q.device):
         raise RuntimeError(f"packed training attention runs on CUDA with Triton (or TRITON_INTERPRET=1), not {q.device}")
-    _check(q, k, v, cu_q, cu_k, (tuple(blocks), tuple(backward_blocks)))
+    check_packed_qkv(q, k, v, cu_q, cu_k)
+    _check_blocks(tuple(blocks), tuple(backward_blocks))
     return _run(q, k, v, cu_q[:-1], cu_q[1:] - cu_q[:-1], cu_k[:-1], cu_k[1:] - cu_k[:-1], dropout_p,
                 1.0 / math.sqrt(q.shape[-1]), blocks, backward_blocks)
 

@@ -37,72 +37,19 @@ def triton_attention_available(device: torch.device) -> bool:
     return triton_available(device)
 
 
-_KERNEL: Any = None
-
-
 def _kernel() -> Any:
-    """The jitted kernel, defined on first use so that importing this module needs no Triton."""
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
-    found = triton_modules()
-    if found is None:
+    """The jitted kernel (:mod:`simlm_core.modeling._attention_kernels`), imported on first use so that
+    importing this module needs no Triton."""
+    if triton_modules() is None:
         raise RuntimeError("packed attention needs Triton (pip install triton; CUDA)")
-    triton, tl = found
+    from simlm_core.modeling import _attention_kernels
 
-    @triton.jit
-    def packed_attention_fwd(Q, K, V, O, cu_q, cu_k, qk_scale,
-                             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                             stride_ot, stride_oh,
-                             HEADS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, WIDE: tl.constexpr):
-        text = tl.program_id(0)
-        head0 = tl.program_id(1) * HEADS
-        q_start = tl.load(cu_q + text)
-        q_len = tl.load(cu_q + text + 1) - q_start
-        k_start = tl.load(cu_k + text)
-        k_len = tl.load(cu_k + text + 1) - k_start
-        if WIDE:  # element offsets past 2**31: 64-bit addresses (int32 otherwise, the measured path)
-            q_start = q_start.to(tl.int64)
-            k_start = k_start.to(tl.int64)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        for hh in range(HEADS):
-            h = head0 + hh
-            for m0 in range(0, q_len, BLOCK_M):
-                rows = m0 + offs_m
-                row_ok = rows < q_len
-                q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                            mask=row_ok[:, None], other=0.0)
-                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                l_i = tl.zeros([BLOCK_M], tl.float32)
-                acc = tl.zeros([BLOCK_M, D], tl.float32)
-                for n0 in range(0, k_len, BLOCK_N):
-                    cols = n0 + offs_n
-                    col_ok = cols < k_len
-                    kt = tl.load(K + (k_start + cols)[None, :] * stride_kt + h * stride_kh + offs_d[:, None],
-                                 mask=col_ok[None, :], other=0.0)  # [D, BLOCK_N]
-                    s = tl.dot(q, kt) * qk_scale  # log2 domain: qk_scale folds in log2(e)
-                    s = tl.where(col_ok[None, :], s, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    p = tl.exp2(s - m_new[:, None])
-                    alpha = tl.exp2(m_i - m_new)
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    v = tl.load(V + (k_start + cols)[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
-                                mask=col_ok[:, None], other=0.0)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                    m_i = m_new
-                out = acc / l_i[:, None]
-                tl.store(O + (q_start + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-                         out.to(O.dtype.element_ty), mask=row_ok[:, None])
-
-    _KERNEL = packed_attention_fwd
-    return _KERNEL
+    return _attention_kernels.packed_attention_fwd
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-           heads_per_program: int) -> None:
+def check_packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+                     cu_k: torch.Tensor) -> None:
+    """Refuse q/k/v and text offsets our attention kernels cannot take, before any kernel runs."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"q, k, v must be [tokens, heads, dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     heads, d = q.shape[1], q.shape[2]
@@ -110,8 +57,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor
         raise ValueError(f"k and v must be [tokens, {heads}, {d}] like q; got {tuple(k.shape)}, {tuple(v.shape)}")
     if d < 16 or d & (d - 1):
         raise ValueError(f"head dim must be a power of two >= 16, got {d}")
-    if heads % heads_per_program:
-        raise ValueError(f"{heads} heads do not split into groups of {heads_per_program}")
     if cu_q.numel() != cu_k.numel() or cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32:
         raise ValueError("cu_q and cu_k must be int32 offsets of the same number of texts")
     for x in (q, k, v):
@@ -126,7 +71,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     ``blocks``: ``(BLOCK_M, BLOCK_N, heads per program, num_warps)``. A custom op, so that
     ``torch.compile`` calls it as one opaque kernel inside a compiled encoder.
     """
-    _check(q, k, v, cu_q, cu_k, blocks[2])
+    check_packed_qkv(q, k, v, cu_q, cu_k)
+    if q.shape[1] % blocks[2]:
+        raise ValueError(f"{q.shape[1]} heads do not split into groups of {blocks[2]}")
     wide = max(x.shape[0] * x.stride(0) for x in (q, k, v)) >= 2**31 or q.numel() >= 2**31
     return _packed_attention_op(q, k, v, cu_q, cu_k, *blocks, wide)
 
