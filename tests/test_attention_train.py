@@ -65,6 +65,12 @@ def test_transformers_models_switched_to_the_kernel_train_like_on_sdpa(interpret
         assert hf[key]["loss"] < 1e-5 and hf[key]["grads"] < 1e-6, (key, hf[key])
 
 
+def test_checkpointing_recomputes_the_same_dropout(interpreted):
+    """Both kernels draw their seeds from torch's generator, which activation checkpointing
+    restores: recomputed forwards drop the same elements, so the gradients are unchanged."""
+    assert interpreted["checkpointing"] < 1e-6
+
+
 def test_not_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not training_kernel_verified(torch.device("cpu"))

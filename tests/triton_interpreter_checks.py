@@ -243,7 +243,38 @@ def attention_train_checks() -> dict:
         "verified": training_kernel_verified(torch.device("cpu")),
         "encoder": _train_attention_encoder_errors(),
         "transformers": _hf_attention_errors(),
+        "checkpointing": _recomputed_dropout_error(),
     }
+
+
+def _recomputed_dropout_error() -> float:
+    """A BERT on both kernels (fused_attention, fused_norm) with dropout 0.1 and activation
+    checkpointing: the recomputed forward must draw the same dropout bits (torch's checkpoint
+    restores the generator, from which each call's seed comes), so the gradients equal those
+    without checkpointing. Returns the largest difference."""
+    import copy
+
+    from transformers import BertConfig, BertModel
+
+    from simlm_core.modeling.attention_train import use_triton_attention
+    from simlm_core.modeling.fused_norm import fuse_dropout_add_layer_norm
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=64), add_pooling_layer=False).train()
+    use_triton_attention(bert)
+    fuse_dropout_add_layer_norm(bert)
+    checkpointed = copy.deepcopy(bert)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fuse_dropout_add_layer_norm(checkpointed)  # deepcopy keeps the switched forwards; idempotent
+    ids = torch.randint(5, 120, (3, 9))
+    grads = []
+    for model in (bert, checkpointed):
+        torch.manual_seed(1)
+        loss = model(input_ids=ids).last_hidden_state.pow(2).mean()
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return max(float((grads[0][n] - g).abs().max()) for n, g in grads[1].items())
 
 
 def _hf_attention_errors() -> dict:
