@@ -237,9 +237,17 @@ def hf_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                  **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``[B, H, L, D]`` q/k/v of a right-padded batch ->
-    ``([B, L, H, D], None)``. Rows past a text's length (padding) attend like SDPA's with a key mask."""
+    ``([B, L, H, D], None)``. Rows past a text's length (padding) attend like SDPA's with a key mask.
+    fp32 q/k/v on CUDA go to SDPA (the kernel's products would be TF32)."""
     batch, heads, q_len, d = query.shape
     k_len = key.shape[2]
+    if query.device.type == "cuda" and query.dtype == torch.float32:
+        # fp32 training (no autocast): SDPA in fp32, not our kernel's TF32 tensor-core products
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask.bool()[:, None, None, :]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
 
     def rows(x: torch.Tensor) -> torch.Tensor:  # [B, H, L, D] view of a [B, L, H, D] projection -> [B*L, H, D]
         return x.transpose(1, 2).reshape(batch * x.shape[2], heads, d)
