@@ -204,15 +204,16 @@ def is_main_process() -> bool:
 
 def fuse_norms(model: torch.nn.Module) -> int:
     """``fused_norm``: switch ``model``'s sublayer outputs to the fused kernel, saying how many and where."""
-    from simlm_core.modeling.fused_norm import fuse_dropout_add_layer_norm, fused_norm_available
+    from simlm_core.modeling.fused_norm import fuse_dropout_add_layer_norm, fused_norm_available, fused_norm_verified
 
+    device = torch.device("cuda") if torch.cuda.is_available() else next(model.parameters()).device
+    if fused_norm_available(device) and not fused_norm_verified(device):  # warns with the reason
+        print("[simlm] fused_norm: the kernel failed its self-check: torch's ops stay")
+        return 0
     count = fuse_dropout_add_layer_norm(model)
     if count == 0:
         raise ValueError(f"fused_norm: {type(model).__name__} has no BERT-like sublayer outputs "
                          "(dense, dropout, LayerNorm) to fuse")
-    device = next(model.parameters()).device
-    if torch.cuda.is_available():
-        device = torch.device("cuda")  # the Trainer moves the model there
     where = "the Triton kernel" if fused_norm_available(device) else f"torch ops (no Triton kernel on {device.type})"
     print(f"[simlm] fused_norm: {count} dropout-add-LayerNorm blocks run on {where}")
     return count

@@ -55,6 +55,7 @@ def test_kernel_drops_at_the_requested_rate_with_fresh_bits_per_seed(interpreted
     assert interpreted["rows_differ"]
     assert abs(interpreted["other_seed_overlap"] - 0.82) < 0.005  # independent masks: 0.9^2 + 0.1^2
     assert interpreted["eval_error"] < 1e-6  # not training: no dropout
+    assert interpreted["verified"]  # its self-check passes where it is right
 
 
 def test_bert_switched_to_the_kernel_trains_like_transformers(interpreted):
@@ -119,3 +120,16 @@ def test_fused_norm_is_a_train_setting_off_by_default():
     for section in ("biencoder_train", "reranker_train", "pretrain_train"):
         for key in ("fused_norm", "fused_attention"):
             assert key in schema["$defs"][section]["properties"], (section, key)
+
+
+def test_a_norm_kernel_that_fails_its_check_is_not_switched_on(monkeypatch, capsys):
+    from simlm_core.modeling import fused_norm, triton_support
+
+    monkeypatch.setattr(triton_support, "_VERIFIED", {})
+    monkeypatch.setattr(fused_norm, "fused_norm_available", lambda device: True)
+    monkeypatch.setattr(fused_norm, "_self_check", lambda device: 0.3)
+    bert = _bert()
+    with pytest.warns(RuntimeWarning, match="dropout-add-LayerNorm: .*differ from torch's by 0.3.*torch's ops run"):
+        assert fuse_norms(bert) == 0
+    assert "fused_norm: the kernel failed its self-check" in capsys.readouterr().out
+    assert not any(getattr(m, "_simlm_fused_norm", False) for m in bert.modules())

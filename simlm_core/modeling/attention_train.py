@@ -25,7 +25,6 @@ softmax normaliser counts every score (dropout applies after the softmax, as in 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from simlm_core.modeling.fused_norm import dropout_threshold
 from simlm_core.modeling.packed_attention import check_packed_qkv
-from simlm_core.modeling.triton_support import triton_available, triton_modules
+from simlm_core.modeling.triton_support import triton_available, triton_modules, verified_once
 
 __all__ = ["HF_ATTENTION", "attention_keep_mask", "hf_attention", "packed_attention_train", "training_kernel_verified",
            "use_triton_attention", "TRAIN_BLOCKS", "TRAIN_BACKWARD_BLOCKS"]
@@ -165,55 +164,51 @@ def attention_keep_mask(seed: torch.Tensor, rows: int, cols: int, text: int, hea
     return out.bool()
 
 
-_VERIFIED: dict[str, bool] = {}
-
-
 def training_kernel_verified(device: torch.device) -> bool:
-    """Whether the kernel can train on ``device``'s type: Triton runs there and, on first asking, a small
-    bf16 problem's output and gradients (dropout 0) match SDPA in fp32. A failure -- a Triton
-    version that cannot build it, a wrong result -- is warned about once and answered False, so
-    packed training falls back to SDPA on padded q/k/v instead of failing or training wrongly."""
+    """Whether the kernel can train on ``device``'s type: Triton runs there and, on first asking, a
+    small bf16 problem's output and gradients, with and without dropout, match attention in fp32.
+    A failure -- a Triton version that cannot build it, a wrong result -- is warned about once and
+    answered False, so training keeps SDPA instead of failing or training wrongly."""
     if not triton_available(device):
         return False
-    key = device.type
-    if key not in _VERIFIED:
-        if torch.compiler.is_compiling():  # no check inside a trace: the trainers run it before compiling
-            return False
-        try:
-            error = _self_check(device)
-            _VERIFIED[key] = error < 0.05
-            reason = f"its gradients differ from SDPA's by {error:.3g} (relative)"
-        except Exception as exc:  # noqa: BLE001  (any failure to build or run means: do not use it)
-            _VERIFIED[key] = False
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        if not _VERIFIED[key]:
-            warnings.warn(f"packed training attention: the Triton kernel failed its check on {device} ({reason}); "
-                          "training runs SDPA on padded q/k/v instead", RuntimeWarning, stacklevel=2)
-    return _VERIFIED[key]
+    return verified_once("training attention", device, _self_check, 0.05, "attention runs SDPA")
 
 
 def _self_check(device: torch.device) -> float:
-    """Largest error of output and q/k/v gradients against per-text SDPA, relative to their scale."""
+    """Largest error of output and q/k/v gradients against per-text softmax attention in fp32 (on
+    the kernel's own dropout mask), relative to their scale; without dropout and with 0.1, so
+    both builds of each kernel are made and run."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     lengths = [1, 19, 70, 33]
     heads, d = 2, 64
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    starts, lens = cu[:-1], cu[1:] - cu[:-1]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     qkv = torch.randn(sum(lengths), 3, heads, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     grad = torch.randn(sum(lengths), heads, d, generator=gen).to(device=device, dtype=dtype)
-    with torch.enable_grad():
-        out = packed_attention_train(*qkv.unbind(1), cu, cu, 0.0)
-        got = torch.autograd.grad(out, qkv, grad)[0]
-        ref_in = qkv.detach().float().requires_grad_()
-        parts = []
-        for i in range(len(lengths)):
-            q, k, v = (x[cu[i]:cu[i + 1]].transpose(0, 1) for x in ref_in.unbind(1))
-            parts.append(F.scaled_dot_product_attention(q, k, v).transpose(0, 1))
-        ref = torch.cat(parts)
-        want = torch.autograd.grad(ref, ref_in, grad.float())[0]
-    out, ref = out.detach().float(), ref.detach()
-    return max(float((out - ref).abs().max() / ref.abs().max()),
-               float((got.float() - want).abs().max() / want.abs().max()))
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    worst = 0.0
+    for p in (0.0, 0.1):
+        _, drop_scale = dropout_threshold(p)
+        with torch.enable_grad():
+            out, _ = _attention_fwd(*qkv.unbind(1), starts, lens, starts, lens, seed, p, d ** -0.5,
+                                    *TRAIN_BLOCKS, *TRAIN_BACKWARD_BLOCKS)
+            got = torch.autograd.grad(out, qkv, grad)[0]
+            ref_in = qkv.detach().float().requires_grad_()
+            parts = []
+            for i, n in enumerate(lengths):
+                q, k, v = (x[cu[i]:cu[i + 1]].transpose(0, 1) for x in ref_in.unbind(1))
+                probs = torch.softmax(q @ k.transpose(1, 2) * d ** -0.5, -1)
+                if p:
+                    keep = torch.stack([attention_keep_mask(seed, n, n, i, h, p) for h in range(heads)])
+                    probs = torch.where(keep, probs * drop_scale, 0.0)
+                parts.append((probs @ v).transpose(0, 1))
+            ref = torch.cat(parts)
+            want = torch.autograd.grad(ref, ref_in, grad.float())[0]
+        out, ref = out.detach().float(), ref.detach()
+        worst = max(worst, float((out - ref).abs().max() / ref.abs().max()),
+                    float((got.float() - want).abs().max() / want.abs().max()))
+    return worst
 
 
 HF_ATTENTION = "simlm_triton"

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simlm_core.modeling.triton_support import triton_available, triton_modules
+from simlm_core.modeling.triton_support import triton_available, triton_modules, verified_once
 
 __all__ = ["dropout_add_layer_norm", "dropout_keep_mask", "dropout_threshold", "fuse_dropout_add_layer_norm",
-           "fused_norm_available"]
+           "fused_norm_available", "fused_norm_verified"]
 
 _BITS = 65536  # dropout compares 16 random bits per element
 
@@ -37,6 +37,40 @@ _BITS = 65536  # dropout compares 16 random bits per element
 def fused_norm_available(device: torch.device) -> bool:
     """Whether the Triton kernel runs on ``device`` (else :func:`dropout_add_layer_norm` uses torch ops)."""
     return triton_available(device)
+
+
+def fused_norm_verified(device: torch.device) -> bool:
+    """Whether the kernel runs right on ``device``'s type: on first asking, a small problem's output
+    and gradients, with and without dropout, against torch's ops on the kernel's own mask (a
+    failure is warned about once and answered False: the caller keeps torch's ops)."""
+    if not fused_norm_available(device):
+        return False
+    return verified_once("dropout-add-LayerNorm", device, _self_check, 0.05, "torch's ops run")
+
+
+def _self_check(device: torch.device) -> float:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rows, hidden = 37, 768
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=half).requires_grad_()
+    r = torch.randn(rows, hidden, generator=gen).to(device).requires_grad_()
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device).requires_grad_()
+    b = (0.1 * torch.randn(hidden, generator=gen)).to(device).requires_grad_()
+    grad = torch.randn(rows, hidden, generator=gen).to(device)
+    seed = torch.tensor([4321], dtype=torch.int64, device=device)
+    worst = 0.0
+    for p in (0.0, 0.1):
+        with torch.enable_grad():
+            y = _fused_forward(x, r, w, b, seed, 1e-12, p)
+            got = torch.autograd.grad(y, (x, r, w, b), grad)
+            ref_in = [t.detach().float().requires_grad_() for t in (x, r, w, b)]
+            keep = dropout_keep_mask(seed, rows, hidden, p) if p else torch.ones_like(grad, dtype=torch.bool)
+            ref = F.layer_norm(torch.where(keep, ref_in[0] * dropout_threshold(p)[1], 0.0) + ref_in[1], (hidden,),
+                               ref_in[2], ref_in[3], 1e-12)
+            want = torch.autograd.grad(ref, ref_in, grad)
+        worst = max(worst, float((y.detach().float() - ref.detach()).abs().max() / ref.detach().abs().max()),
+                    *(float((g.float() - w_.float()).abs().max() / w_.abs().max()) for g, w_ in zip(got, want)))
+    return worst
 
 
 def dropout_threshold(p: float) -> tuple[int, float]:
