@@ -182,3 +182,20 @@ def test_fused_attention_switch_on_cpu_keeps_sdpa(monkeypatch, capsys):
     assert "fused_attention: no Triton kernel on cpu: attention stays SDPA" in capsys.readouterr().out
     assert bert.config._attn_implementation == "sdpa"
     assert TrainConfig(output_dir="o", work_dir="w").fused_attention is False
+
+
+def test_heads_the_kernel_cannot_take_attend_through_sdpa():
+    """A switched model whose head size is not a power of two >= 16 still trains: SDPA takes those."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from simlm_core.modeling.attention_train import hf_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 24) for _ in range(3))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    module = torch.nn.Module()
+    module.is_causal = False
+    got, _ = hf_attention(module, q, k, v, mask, scaling=24 ** -0.5)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask.bool()[:, None, None, :], scaling=24 ** -0.5)
+    assert got.shape == (2, 7, 3, 24)
+    assert torch.allclose(got, want)

@@ -54,6 +54,11 @@ def _kernels() -> Any:
     return _attention_kernels
 
 
+def kernel_head_dim(d: int) -> bool:
+    """Whether the kernels take heads of size ``d`` (a power of two, at least 16)."""
+    return d >= 16 and not d & (d - 1)
+
+
 def _check_blocks(*blocks: tuple[int, int, int]) -> None:
     for block_m, block_n, _ in blocks:
         if block_m < 16 or block_n < 16 or block_n & (block_n - 1) or block_m & (block_m - 1):
@@ -233,11 +238,12 @@ def hf_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
                  **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``[B, H, L, D]`` q/k/v of a right-padded batch ->
     ``([B, L, H, D], None)``. Rows past a text's length (padding) attend like SDPA's with a key mask.
-    fp32 q/k/v on CUDA go to SDPA (the kernel's products would be TF32)."""
+    fp32 q/k/v on CUDA, and head sizes that are not a power of two >= 16, go to SDPA."""
     batch, heads, q_len, d = query.shape
     k_len = key.shape[2]
-    if query.device.type == "cuda" and query.dtype == torch.float32:
-        # fp32 training (no autocast): SDPA in fp32, not our kernel's TF32 tensor-core products
+    if (query.device.type == "cuda" and query.dtype == torch.float32) or not kernel_head_dim(d):
+        # fp32 training (no autocast): SDPA in fp32, not our kernel's TF32 tensor-core products;
+        # and head sizes the kernel's tiles cannot take
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         if attention_mask is not None and attention_mask.dim() == 2:

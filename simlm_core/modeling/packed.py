@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from simlm_core.modeling.attention_train import HF_ATTENTION, packed_attention_train
+from simlm_core.modeling.attention_train import HF_ATTENTION, kernel_head_dim, packed_attention_train
 from simlm_core.modeling.triton_support import triton_available
 from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS, packed_attention, triton_attention_available
 
@@ -239,7 +239,8 @@ class PackedBertEncoder(nn.Module):
             if self.attention == "triton":
                 return "triton"
             switched = getattr(self.bert_config, "_attn_implementation", None) == HF_ATTENTION  # fused_attention
-            if self.attention != "auto" or not switched or q.dtype not in (torch.float16, torch.bfloat16):
+            if self.attention != "auto" or not switched or q.dtype not in (torch.float16, torch.bfloat16) \
+                    or not kernel_head_dim(self.head_dim):
                 return "padded"
             return "triton" if triton_available(q.device) else "padded"
         if self.attention != "auto":
