@@ -9,6 +9,7 @@
 #                  "attention" is attention_kernels.py; its best Triton blocks go to later parts.
 #                  "biencoder-packed": the biencoder step on real passage lengths, padded vs packed_training.
 #                  "norm" is norm_kernels.py: dropout-add-LayerNorm, torch vs inductor vs our fused kernel.
+#                  "kernels": tests/triton_interpreter_checks.py on the GPU (our kernels against torch, compiled).
 #                  A training part with "-fusednorm", "-fusedattn" or "-fused" appended (e.g. "biencoder-fused")
 #                  runs with --fused-norm 1, --fused-attention 1 or both (our Triton training kernels).
 #   PACKED_ATTENTION  the packed encoder's attention kernels to time (default "auto"; e.g. "varlen,triton")
@@ -59,6 +60,16 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
     grep "^   \|^best" "$out/attention_kernels-cuda.log" | head -60
     best=$(sed -n 's/^best triton blocks: \([0-9,]*\).*/\1/p' "$out/attention_kernels-cuda.log")
     [ -n "$best" ] && TRITON_BLOCKS="${TRITON_BLOCKS:-$best}"
+    continue
+  fi
+  if [ "$part" = kernels ]; then  # the interpreter tests' kernel checks, on the compiled kernels
+    cap="${CAP_kernels:-240}"
+    echo "== kernels (cap ${cap}s)"
+    timeout "$cap" python3 tests/triton_interpreter_checks.py --device cuda kernel encoder fused_norm attention_train \
+      > "$out/kernel_checks-cuda.json" 2> "$out/kernel_checks-cuda.log"
+    echo "   exit $?"
+    python3 -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1])), indent=1)[:6000])" \
+      "$out/kernel_checks-cuda.json" || tail -20 "$out/kernel_checks-cuda.log"
     continue
   fi
   if [ "$part" = norm ]; then

@@ -4,6 +4,10 @@ Started by tests/test_packed_attention.py (parts ``kernel``, ``encoder``),
 tests/test_fused_norm.py (part ``fused_norm``) and tests/test_attention_train.py (part
 ``attention_train``) in a child process, because ``TRITON_INTERPRET=1``
 must be set before a kernel is built and must not leak into other tests.
+
+On a GPU the same checks run on the compiled kernels (``--device cuda``: every tensor is made
+there; gpu_suite.sh part ``kernels``). The figures are then for reading, not for the tests'
+bounds: fp32 products on tensor cores are TF32 there.
 """
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import json
 import os
 import sys
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+ON_GPU = "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cuda"
+assert ON_GPU or os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (or --device cuda)"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -131,7 +136,7 @@ def fused_norm_checks() -> dict:
     out["bert"] = _fused_bert_errors(fuse_dropout_add_layer_norm)
     from simlm_core.modeling.fused_norm import fused_norm_verified
 
-    out["verified"] = fused_norm_verified(torch.device("cpu"))
+    out["verified"] = fused_norm_verified(torch.empty(0).device)
     return out
 
 
@@ -243,7 +248,7 @@ def attention_train_checks() -> dict:
         "drop_rate": 1 - float(masks.float().mean()),  # 248,832 draws
         "heads_differ": not torch.equal(masks[0], masks[1]),
         "texts_differ": not torch.equal(masks[0], masks[4]),
-        "verified": training_kernel_verified(torch.device("cpu")),
+        "verified": training_kernel_verified(torch.empty(0).device),
         "encoder": _train_attention_encoder_errors(),
         "transformers": _hf_attention_errors(),
         "checkpointing": _recomputed_dropout_error(),
@@ -378,7 +383,9 @@ def _train_attention_encoder_errors() -> dict:
 
 
 if __name__ == "__main__":
-    parts = sys.argv[1:] or ["kernel", "encoder"]
+    parts = [a for a in sys.argv[1:] if a not in ("--device", "cuda", "cpu")] or ["kernel", "encoder"]
+    if ON_GPU:
+        torch.set_default_device("cuda")
     result = {}
     if "kernel" in parts:
         result["kernel"] = kernel_errors()
