@@ -155,6 +155,17 @@ def test_switched_model_saves_a_plain_config(tmp_path):
     assert BertModel.from_pretrained(tmp_path).config._attn_implementation != HF_ATTENTION
 
 
+def test_decoders_are_not_switched():
+    from transformers import BertConfig, BertModel
+
+    from simlm_core.modeling.attention_train import use_triton_attention
+
+    decoder = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, is_decoder=True))
+    assert use_triton_attention(decoder) == 0  # causal masks are not the kernel's
+    assert decoder.config._attn_implementation == "sdpa"
+
+
 def test_key_lengths_from_every_mask_form():
     from simlm_core.modeling.attention_train import _key_lengths
 

@@ -270,8 +270,9 @@ def _hf_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: i
 
 
 def use_triton_attention(model: torch.nn.Module) -> int:
-    """Switch every BERT/ELECTRA in ``model`` to this kernel (``config._attn_implementation =
-    "simlm_triton"``, registered with transformers on first use); returns how many configs changed.
+    """Switch every BERT/ELECTRA encoder in ``model`` to this kernel (``config._attn_implementation =
+    "simlm_triton"``, registered with transformers on first use; decoders and cross-attention keep
+    theirs); returns how many configs changed.
     Not saved with the model: transformers does not serialise the attention implementation."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -282,7 +283,8 @@ def use_triton_attention(model: torch.nn.Module) -> int:
     for module in model.modules():
         config = getattr(module, "config", None)
         if getattr(config, "model_type", None) in ("bert", "electra") and id(config) not in seen \
-                and hasattr(config, "_attn_implementation"):
+                and hasattr(config, "_attn_implementation") and not getattr(config, "is_decoder", False) \
+                and not getattr(config, "add_cross_attention", False):  # bidirectional self-attention only
             seen.add(id(config))
             config._attn_implementation = HF_ATTENTION
     return len(seen)
