@@ -390,24 +390,15 @@ def optimizer_step(device: torch.device, opt: torch.optim.Optimizer,
 
 def maybe_fuse(args, model: torch.nn.Module) -> str:
     """``--fused-norm 1`` / ``--fused-attention 1``: the model's dropout-add-LayerNorms / attention on
-    our Triton kernels (the ``fused_norm`` / ``fused_attention`` train settings); row-label suffix."""
+    our Triton kernels, switched as the ``fused_norm`` / ``fused_attention`` train settings switch
+    them (``simlm_core.training``: self-check first); returns the row-label suffix."""
+    from simlm_core.training import fuse_attention, fuse_norms
+
     suffix = ""
-    device = next(model.parameters()).device
-    if args.fused_norm:
-        from simlm_core.modeling.fused_norm import fuse_dropout_add_layer_norm, fused_norm_available
-
-        count = fuse_dropout_add_layer_norm(model)
-        print(f"   fused_norm: {count} dropout-add-LayerNorm blocks on "
-              f"{'Triton' if fused_norm_available(device) else 'torch ops'}", flush=True)
+    if args.fused_norm and fuse_norms(model):
         suffix += ", fused_norm"
-    if args.fused_attention:
-        from simlm_core.modeling.attention_train import training_kernel_verified, use_triton_attention
-
-        if training_kernel_verified(device):
-            print(f"   fused_attention: {use_triton_attention(model)} encoder(s) on the Triton kernel", flush=True)
-            suffix += ", fused_attention"
-        else:
-            print(f"   fused_attention: no verified Triton kernel on {device.type}: SDPA", flush=True)
+    if args.fused_attention and fuse_attention(model):
+        suffix += ", fused_attention"
     return suffix
 
 

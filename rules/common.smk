@@ -97,7 +97,7 @@ def bench_path(name):
 
 def core(*modules):
     """Core-library files a stage runs, as inputs: editing one reruns the stage (DESIGN §4c)."""
-    return [os.path.join(workflow.basedir, "simlm_core", m) for m in dict.fromkeys(("io.py", *modules))]
+    return [os.path.join(workflow.basedir, "simlm_core", m) for m in ("io.py", *modules)]
 
 
 def enabled_systems():
@@ -166,13 +166,14 @@ def work_dir(stage, args):
     return out("_work", f"{stage}-{digest}")
 
 
-# The fused dropout-add-LayerNorm kernel (train sections' `fused_norm`), code of every trainer.
-FUSED_NORM_CODE = ("modeling/fused_norm.py", "modeling/_fused_norm_kernels.py", "modeling/triton_support.py")
-# The padding-free encoder and its Triton kernels (packed encoding, scoring and packed_training).
-PACKED_CODE = (
-    "modeling/packed.py", "modeling/packed_attention.py", "modeling/attention_train.py",
-    "modeling/_attention_kernels.py", *FUSED_NORM_CODE,
+# Our Triton kernels with their wrappers: fused_norm and fused_attention (every trainer), and the
+# packed encoder's attention.
+TRITON_CODE = (
+    "modeling/triton_support.py", "modeling/fused_norm.py", "modeling/_fused_norm_kernels.py",
+    "modeling/attention_train.py", "modeling/_attention_kernels.py", "modeling/packed_attention.py",
 )
+# The padding-free encoder (packed encoding, scoring and packed_training) and its kernels.
+PACKED_CODE = ("modeling/packed.py", *TRITON_CODE)
 
 
 def train_args(stage, section, **paths):

@@ -37,7 +37,7 @@ rule train_generator:
     input:
         corpus=corpus_path(),
         tokenizer=local_model_inputs(base_encoder()),
-        code=core("pretraining.py", "training.py", "drivers/train_generator.py", *PACKED_CODE),  # fused_*
+        code=core("pretraining.py", "training.py", "drivers/train_generator.py", *TRITON_CODE),  # fused_*
     output:
         directory(generator_dir()),
     params:
@@ -78,7 +78,7 @@ rule pretrain:
         generator=local_model_inputs(generator_value()),
         code=core(
             "modeling/pretrain.py", "pretraining.py", "training.py", "drivers/pretrain.py",
-            *PACKED_CODE,  # packed_training; its FUSED_NORM_CODE also serves fused_norm
+            *PACKED_CODE,  # packed_training, fused_norm, fused_attention
         ),
     output:
         directory(pretrain_checkpoint()),

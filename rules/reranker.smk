@@ -3,7 +3,7 @@
 
 RERANKER_CODE = core(
     "modeling/reranker.py", "reranker_training.py", "losses.py", "training.py",
-    *PACKED_CODE,  # packed_training; its FUSED_NORM_CODE also serves fused_norm
+    *PACKED_CODE,  # packed_training, fused_norm, fused_attention
     "drivers/train_reranker.py",
 )
 

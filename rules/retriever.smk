@@ -4,7 +4,7 @@
 
 BIENCODER_CODE = core(
     "modeling/biencoder.py",
-    *PACKED_CODE,  # packed_training; its FUSED_NORM_CODE also serves fused_norm
+    *PACKED_CODE,  # packed_training, fused_norm, fused_attention
     "losses.py",
     "collators.py",
     "biencoder_training.py",

@@ -202,11 +202,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _training_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` will train: CUDA when there is one (the Trainer moves it there), else where it is."""
+    return torch.device("cuda") if torch.cuda.is_available() else next(model.parameters()).device
+
+
 def fuse_norms(model: torch.nn.Module) -> int:
     """``fused_norm``: switch ``model``'s sublayer outputs to the fused kernel, saying how many and where."""
     from simlm_core.modeling.fused_norm import fuse_dropout_add_layer_norm, fused_norm_available, fused_norm_verified
 
-    device = torch.device("cuda") if torch.cuda.is_available() else next(model.parameters()).device
+    device = _training_device(model)
     if fused_norm_available(device) and not fused_norm_verified(device):  # warns with the reason
         print("[simlm] fused_norm: the kernel failed its self-check: torch's ops stay")
         return 0
@@ -225,7 +230,7 @@ def fuse_attention(model: torch.nn.Module) -> int:
     from simlm_core.modeling.attention_train import training_kernel_verified, use_triton_attention
     from simlm_core.modeling.triton_support import triton_available
 
-    device = torch.device("cuda") if torch.cuda.is_available() else next(model.parameters()).device
+    device = _training_device(model)
     if not triton_available(device):
         print(f"[simlm] fused_attention: no Triton kernel on {device.type}: attention stays SDPA")
         return 0

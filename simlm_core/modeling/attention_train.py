@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from simlm_core.modeling.fused_norm import dropout_threshold
 from simlm_core.modeling.packed_attention import check_packed_qkv
-from simlm_core.modeling.triton_support import triton_available, triton_modules, verified_once
+from simlm_core.modeling.triton_support import relative_error, triton_available, triton_modules, verified_once
 
 __all__ = ["HF_ATTENTION", "attention_keep_mask", "hf_attention", "packed_attention_train", "training_kernel_verified",
            "use_triton_attention", "TRAIN_BLOCKS", "TRAIN_BACKWARD_BLOCKS"]
@@ -210,9 +210,7 @@ def _self_check(device: torch.device) -> float:
                 parts.append((probs @ v).transpose(0, 1))
             ref = torch.cat(parts)
             want = torch.autograd.grad(ref, ref_in, grad.float())[0]
-        out, ref = out.detach().float(), ref.detach()
-        worst = max(worst, float((out - ref).abs().max() / ref.abs().max()),
-                    float((got.float() - want).abs().max() / want.abs().max()))
+        worst = max(worst, relative_error(out, ref), relative_error(got, want))
     return worst
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simlm_core.modeling.triton_support import triton_available, triton_modules, verified_once
+from simlm_core.modeling.triton_support import relative_error, triton_available, triton_modules, verified_once
 
 __all__ = ["dropout_add_layer_norm", "dropout_keep_mask", "dropout_threshold", "fuse_dropout_add_layer_norm",
            "fused_norm_available", "fused_norm_verified"]
@@ -68,8 +68,7 @@ def _self_check(device: torch.device) -> float:
             ref = F.layer_norm(torch.where(keep, ref_in[0] * dropout_threshold(p)[1], 0.0) + ref_in[1], (hidden,),
                                ref_in[2], ref_in[3], 1e-12)
             want = torch.autograd.grad(ref, ref_in, grad)
-        worst = max(worst, float((y.detach().float() - ref.detach()).abs().max() / ref.detach().abs().max()),
-                    *(float((g.float() - w_.float()).abs().max() / w_.abs().max()) for g, w_ in zip(got, want)))
+        worst = max(worst, relative_error(y, ref), *(relative_error(g, w_) for g, w_ in zip(got, want)))
     return worst
 
 

@@ -38,8 +38,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from simlm_core.modeling.attention_train import HF_ATTENTION, kernel_head_dim, packed_attention_train
+from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS, packed_attention
 from simlm_core.modeling.triton_support import triton_available
-from simlm_core.modeling.packed_attention import DEFAULT_BLOCKS, packed_attention, triton_attention_available
 
 __all__ = ["PACKED_MODEL_TYPES", "PackedBatch", "PackedBertEncoder", "packed_support", "varlen_available"]
 
@@ -247,7 +247,7 @@ class PackedBertEncoder(nn.Module):
             return self.attention
         if q.dtype not in (torch.float16, torch.bfloat16):  # fp32: SDPA, not tensor-core TF32 kernels
             return "padded"
-        if triton_attention_available(q.device):
+        if triton_available(q.device):
             return "triton"
         return "varlen" if varlen_available(q.device) else "padded"
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["interpreting", "triton_available", "triton_modules", "verified_once"]
+__all__ = ["interpreting", "relative_error", "triton_available", "triton_modules", "verified_once"]
 
 
 def triton_modules() -> tuple[Any, Any] | None:
@@ -34,6 +34,12 @@ def triton_available(device: torch.device) -> bool:
     if triton_modules() is None:
         return False
     return device.type == "cuda" or interpreting()
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference from ``want``, relative to ``want``'s largest magnitude (for self-checks)."""
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).abs().max() / want.abs().max())
 
 
 _VERIFIED: dict[tuple[str, str], bool] = {}
