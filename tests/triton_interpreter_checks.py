@@ -68,8 +68,7 @@ def encoder_errors() -> dict:
     from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=128, max_position_embeddings=64)).eval()
+    bert = BertModel(BertConfig(**TINY_BERT)).eval()
     lengths = torch.tensor([5, 17, 33, 2, 40])
     width = int(lengths.max())
     ids = torch.randint(5, 120, (lengths.numel(), width))
@@ -87,6 +86,47 @@ def encoder_errors() -> dict:
         enc.compile(dynamic=True)  # the kernel is a custom op: compiled graphs call it opaquely
         out["cls compiled"] = float((enc.encode(batch) - refs["cls"]).abs().max())
     return out
+
+
+TINY_BERT = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 max_position_embeddings=64)
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three right-padded texts of 5, 11 and 2 tokens: ``(ids, mask)``."""
+    lengths = torch.tensor([5, 11, 2])
+    ids = torch.randint(5, 120, (3, 11))
+    return ids, (torch.arange(11)[None, :] < lengths[:, None]).long()
+
+
+def loss_and_grads(model: torch.nn.Module, loss_fn) -> tuple[torch.Tensor, dict]:
+    """``loss_fn()``'s value and the gradients it leaves on ``model``'s parameters (compiled-module
+    prefixes dropped from the names)."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+
+def against(reference: tuple[torch.Tensor, dict], got: tuple[torch.Tensor, dict], relative_loss: bool = False) -> dict:
+    """How far a run's loss and gradients are from the reference run's."""
+    (ref_loss, ref_grads), (loss, grads) = reference, got
+    diff = (loss - ref_loss).abs() / (ref_loss.abs() if relative_loss else 1)
+    return {"loss": float(diff), "grads": max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()),
+            "same_grad_names": sorted(grads) == sorted(ref_grads)}
+
+
+def train_losses(model: torch.nn.Module, loss_fn, steps: int = 5) -> list[float]:
+    """Losses of ``steps`` SGD steps (lr 0.05) on ``loss_fn``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(steps):
+        loss, _ = loss_and_grads(model, loss_fn)
+        opt.step()
+        losses.append(float(loss))
+    return losses
 
 
 def fused_norm_checks() -> dict:
@@ -150,48 +190,26 @@ def _fused_bert_errors(fuse) -> dict:
     from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    plain = BertModel(cfg, add_pooling_layer=False).train()
+    plain = BertModel(BertConfig(**TINY_BERT, **NO_DROPOUT), add_pooling_layer=False).train()
     fused = copy.deepcopy(plain)
     result = {"switched": fuse(fused), "switched_again": fuse(fused)}
-    lengths = torch.tensor([5, 11, 2])
-    ids = torch.randint(5, 120, (lengths.numel(), int(lengths.max())))
-    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-
-    def loss_and_grads(model, run):
-        model.zero_grad(set_to_none=True)
-        loss = run(model).pow(2).mean()
-        loss.backward()
-        return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()
-                               if p.grad is not None}
-
-    def padded(model):
-        return model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
-
+    ids, mask = padded_batch()
     batch = PackedBatch.from_padded(ids, mask)
 
-    def packed(model):
-        return PackedBertEncoder(model, pooling="cls", trainable=True).encode(batch)
+    def padded(model):
+        return lambda: model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0].pow(2).mean()
 
-    ref_loss, ref_grads = loss_and_grads(plain, padded)
+    def packed(model):
+        return lambda: PackedBertEncoder(model, pooling="cls", trainable=True).encode(batch).pow(2).mean()
+
+    reference = loss_and_grads(plain, padded(plain))
     for name, model, run in [("padded", fused, padded), ("packed", fused, packed),
                              ("compiled", torch.compile(fused, dynamic=True), padded)]:
-        loss, grads = loss_and_grads(model, run)
-        result[name] = {"loss": float((loss - ref_loss).abs()),
-                        "grads": max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()),
-                        "same_grad_names": sorted(grads) == sorted(ref_grads)}
+        result[name] = against(reference, loss_and_grads(model, run(model)))
     for module in fused.modules():  # BERT's default dropout: it trains, with the kernel's masks
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.1
-    opt = torch.optim.SGD(fused.parameters(), lr=0.05)
-    losses = []
-    for _ in range(5):
-        loss, _ = loss_and_grads(fused, padded)
-        opt.step()
-        losses.append(float(loss))
-    result["dropout_losses"] = losses
+    result["dropout_losses"] = train_losses(fused, padded(fused))
     return result
 
 
@@ -268,8 +286,7 @@ def _recomputed_dropout_error() -> float:
     from simlm_core.modeling.fused_norm import fuse_dropout_add_layer_norm
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=128, max_position_embeddings=64), add_pooling_layer=False).train()
+    bert = BertModel(BertConfig(**TINY_BERT), add_pooling_layer=False).train()
     use_triton_attention(bert)
     fuse_dropout_add_layer_norm(bert)
     checkpointed = copy.deepcopy(bert)
@@ -295,11 +312,8 @@ def _hf_attention_errors() -> dict:
     from simlm_core.modeling.attention_train import use_triton_attention
 
     torch.manual_seed(0)
-    small = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                 max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    lengths = torch.tensor([5, 11, 2])
-    ids = torch.randint(5, 120, (3, 11))
-    mask = (torch.arange(11)[None, :] < lengths[:, None]).long()
+    small = dict(**TINY_BERT, **NO_DROPOUT)
+    ids, mask = padded_batch()
     models = {
         "bert": (BertModel(BertConfig(**small), add_pooling_layer=False),
                  lambda m: (m(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]).pow(2).mean()),
@@ -311,23 +325,13 @@ def _hf_attention_errors() -> dict:
         plain.train()
         switched = copy.deepcopy(plain)
         out[f"{name} switched"] = use_triton_attention(switched)
-
-        def loss_and_grads(model):
-            model.zero_grad(set_to_none=True)
-            loss = loss_fn(model)
-            loss.backward()
-            return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()
-                                   if p.grad is not None}
-
-        ref_loss, ref_grads = loss_and_grads(plain)
+        reference = loss_and_grads(plain, lambda: loss_fn(plain))
         runs = {"eager": switched}
         if name == "bert":
             runs["compiled"] = torch.compile(switched, dynamic=True)
         for run, model in runs.items():
-            loss, grads = loss_and_grads(model)
-            out[f"{name} {run}"] = {"loss": float((loss - ref_loss).abs() / ref_loss.abs()),
-                                    "grads": max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()),
-                                    "same_grad_names": sorted(grads) == sorted(ref_grads)}
+            out[f"{name} {run}"] = against(reference, loss_and_grads(model, lambda: loss_fn(model)),
+                                           relative_loss=True)
     return out
 
 
@@ -339,23 +343,16 @@ def _train_attention_encoder_errors() -> dict:
     from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                attention_probs_dropout_prob=0.0), add_pooling_layer=False).train()
-    lengths = torch.tensor([5, 11, 2])
-    ids = torch.randint(5, 120, (3, 11))
-    mask = (torch.arange(11)[None, :] < lengths[:, None]).long()
-    batch = PackedBatch.from_padded(ids, mask)
+    bert = BertModel(BertConfig(**TINY_BERT, **NO_DROPOUT), add_pooling_layer=False).train()
+    batch = PackedBatch.from_padded(*padded_batch())
 
-    def loss_and_grads(enc):
-        bert.zero_grad(set_to_none=True)
-        loss = enc.encode(batch).pow(2).mean()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in bert.named_parameters() if p.grad is not None}
+    def run(enc):
+        return lambda: enc.encode(batch).pow(2).mean()
 
     out = {}
     for pooling in ("cls", "mean"):
-        ref_loss, ref_grads = loss_and_grads(PackedBertEncoder(bert, pooling=pooling, trainable=True, attention="padded"))
+        reference = loss_and_grads(bert, run(PackedBertEncoder(bert, pooling=pooling, trainable=True,
+                                                               attention="padded")))
         tri = PackedBertEncoder(bert, pooling=pooling, trainable=True, attention="triton")
         runs = {"eager": tri}
         if pooling == "cls":
@@ -363,22 +360,13 @@ def _train_attention_encoder_errors() -> dict:
             compiled.compile(dynamic=True)
             runs["compiled"] = compiled
         for name, enc in runs.items():
-            loss, grads = loss_and_grads(enc)
-            out[f"{pooling} {name}"] = {"loss": float((loss - ref_loss).abs()),
-                                        "grads": max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()),
-                                        "same_grad_names": sorted(grads) == sorted(ref_grads)}
+            out[f"{pooling} {name}"] = against(reference, loss_and_grads(bert, run(enc)))
         out[f"{pooling} kernel"] = tri.attention_kernel(torch.zeros(1))
     for module in bert.modules():
         if isinstance(module, torch.nn.Dropout) and module is not bert.embeddings.dropout:
             module.p = 0.1
-    enc = PackedBertEncoder(bert, pooling="cls", trainable=True, attention="triton")
-    opt = torch.optim.SGD(bert.parameters(), lr=0.05)
-    losses = []
-    for _ in range(5):
-        loss, _ = loss_and_grads(enc)
-        opt.step()
-        losses.append(float(loss))
-    out["dropout_losses"] = losses
+    out["dropout_losses"] = train_losses(bert, run(PackedBertEncoder(bert, pooling="cls", trainable=True,
+                                                                     attention="triton")))
     return out
 
 
