@@ -10,7 +10,8 @@ bits 16 per score (one Philox block per 8 scores; the backward pass draws the sa
 from the seed instead of storing a mask).
 
 ``q`` ``[Tq, heads, d]``, ``k``/``v`` ``[Tk, heads, d]`` (any token/head strides, unit stride over
-``d``), ``cu_q``/``cu_k`` int32 ``[N+1]``: text ``i``'s queries attend to its keys only. Queries
+``d``), ``cu_q``/``cu_k`` int32 ``[N+1]``, spanning q's and k's rows as a packed batch's do: text
+``i``'s queries attend to its keys only. Queries
 may be every token (``cu_q == cu_k``) or one per text (its [CLS]; ``cu_q = arange(N + 1)``).
 
 For ordinary (padded) batches, :func:`use_triton_attention` registers the kernel with transformers'
@@ -69,7 +70,8 @@ def _check_blocks(*blocks: tuple[int, int, int]) -> None:
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
                    k_starts: torch.Tensor, k_lens: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
                    block_m: int, block_n: int, num_warps: int,
-                   bwd_block_m: int, bwd_block_n: int, bwd_num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   bwd_block_m: int, bwd_block_n: int, bwd_num_warps: int,
+                   keys_covered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     n, heads, d = q_starts.numel(), q.shape[1], q.shape[2]
@@ -85,7 +87,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: 
 
 @_attention_fwd.register_fake
 def _(q, k, v, q_starts, q_lens, k_starts, k_lens, seed, p, scale, block_m, block_n, num_warps,
-      bwd_block_m, bwd_block_n, bwd_num_warps):
+      bwd_block_m, bwd_block_n, bwd_num_warps, keys_covered=False):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -93,13 +95,16 @@ def _(q, k, v, q_starts, q_lens, k_starts, k_lens, seed, p, scale, block_m, bloc
 def _attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor, k_starts: torch.Tensor,
                    k_lens: torch.Tensor, seed: torch.Tensor, p: float, scale: float,
-                   block_m: int, block_n: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   block_m: int, block_n: int, num_warps: int,
+                   keys_covered: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad = grad.contiguous()
     delta = (grad.float() * out.float()).sum(-1)  # rowsum(dO * O) = sum_j P_ij dP_ij, per query row and head
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    # Zeroed: keys no query reads (a padded batch's padding) get no gradient from the kernel.
-    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    # The kernel writes every key row of every text; only where texts leave rows out (a padded
+    # batch's padding) must the rest be zeros.
+    fill = torch.empty if keys_covered else torch.zeros
+    dk = fill(k.shape, dtype=k.dtype, device=k.device)
+    dv = fill(v.shape, dtype=v.dtype, device=v.device)
     n, heads, d = q_starts.numel(), q.shape[1], q.shape[2]
     if n and q.shape[0]:
         threshold, drop_scale = dropout_threshold(p)
@@ -113,7 +118,8 @@ def _attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 
 @_attention_bwd.register_fake
-def _(grad, q, k, v, out, lse, q_starts, q_lens, k_starts, k_lens, seed, p, scale, block_m, block_n, num_warps):
+def _(grad, q, k, v, out, lse, q_starts, q_lens, k_starts, k_lens, seed, p, scale, block_m, block_n, num_warps,
+      keys_covered=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -121,13 +127,13 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     q, k, v, q_starts, q_lens, k_starts, k_lens, seed, p, scale = inputs[:10]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, q_starts, q_lens, k_starts, k_lens, seed)
-    ctx.settings = (p, scale, *inputs[13:16])
+    ctx.settings = (p, scale, *inputs[13:17])  # the backward tiles, keys_covered
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple:
     q, k, v, out, lse, q_starts, q_lens, k_starts, k_lens, seed = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, q_starts, q_lens, k_starts, k_lens, seed, *ctx.settings)
-    return dq, dk, dv, *([None] * 13)
+    return dq, dk, dv, *([None] * 14)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -146,16 +152,19 @@ def packed_attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     check_packed_qkv(q, k, v, cu_q, cu_k)
     _check_blocks(tuple(blocks), tuple(backward_blocks))
     return _run(q, k, v, cu_q[:-1], cu_q[1:] - cu_q[:-1], cu_k[:-1], cu_k[1:] - cu_k[:-1], dropout_p,
-                1.0 / math.sqrt(q.shape[-1]), blocks, backward_blocks)
+                1.0 / math.sqrt(q.shape[-1]), blocks, backward_blocks, keys_covered=True)
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: torch.Tensor, q_lens: torch.Tensor,
          k_starts: torch.Tensor, k_lens: torch.Tensor, dropout_p: float, scale: float,
-         blocks: tuple[int, int, int], backward_blocks: tuple[int, int, int]) -> torch.Tensor:
+         blocks: tuple[int, int, int], backward_blocks: tuple[int, int, int], keys_covered: bool = False
+         ) -> torch.Tensor:
+    """``keys_covered``: the texts' keys tile K and V's rows (packed texts), so the backward pass
+    writes every row of dK and dV and need not zero them first."""
     dropout_threshold(dropout_p)  # refuse a bad p before any kernel runs
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     out, _ = _attention_fwd(q, k, v, q_starts, q_lens, k_starts, k_lens, seed, float(dropout_p), float(scale),
-                            *blocks, *backward_blocks)
+                            *blocks, *backward_blocks, keys_covered)
     return out
 
 
