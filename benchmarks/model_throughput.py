@@ -412,6 +412,16 @@ def set_train_attention(args, model: torch.nn.Module) -> str:
     return f", attention {args.train_attention}" if encoders else ""
 
 
+def on_device(batch: dict, device: torch.device) -> dict:
+    """A collator's batch with its tensors moved to ``device`` (host values, e.g. ``num_tokens``, kept)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def with_token_count(batch: dict) -> dict:
+    """``batch`` plus the host's count of its real tokens, as the pipeline's collators send it."""
+    return {**batch, "num_tokens": int(batch["attention_mask"].sum())}
+
+
 def autocast(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -750,7 +760,7 @@ def bench_pretrain(args, device, size, work: Path, peak) -> list[dict]:
     t0 = time.perf_counter()
     batches_cpu = [collator(examples[i * B : (i + 1) * B]) for i in range(4)]
     collate_s = (time.perf_counter() - t0) / 4
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches_cpu]
+    batches = [on_device(b, device) for b in batches_cpu]
 
     torch.manual_seed(0)
     enc_cfg = SIZES[size]["enc"]
@@ -946,7 +956,7 @@ def bench_biencoder_packed(args, device, size, work: Path, peak) -> list[dict]:
                 pad_to_multiple_of=multiple, return_tensors="pt")
         p = tok([""] * (Q * G), text_pair=passages[b * Q * G : (b + 1) * Q * G], max_length=lp, truncation=True,
                 padding=True, pad_to_multiple_of=multiple, return_tensors="pt")
-        batches.append(({k: v.to(device) for k, v in q.items()}, {k: v.to(device) for k, v in p.items()}))
+        batches.append((on_device(with_token_count(q), device), on_device(with_token_count(p), device)))
         q_lens.append(q["attention_mask"].sum(1).tolist())
         p_lens.append(p["attention_mask"].sum(1).tolist())
         padded_tokens += q["input_ids"].numel() + p["input_ids"].numel()
@@ -996,7 +1006,7 @@ def bench_rerank_train_packed(args, device, size, work: Path, peak) -> list[dict
         enc = dict(tokenize_pairs(tok, qs, passages[b * Q * G : (b + 1) * Q * G], max_len=max_len,
                                   pad_to_multiple_of=multiple))
         enc["labels"] = torch.zeros(Q, dtype=torch.long)
-        batches.append({k: v.to(device) for k, v in enc.items()})
+        batches.append(on_device(with_token_count(enc), device))
         lengths.append(enc["attention_mask"].sum(1).tolist())
         padded_tokens += enc["input_ids"].numel()
     enc_cfg = SIZES[size]["enc"]
@@ -1040,7 +1050,7 @@ def bench_pretrain_packed(args, device, size, work: Path, peak) -> list[dict]:
     examples = [{"title": "", "text": t} for t in make_passages(words, B * n_batches, seed=7)]
     collator = RLMCollator(tok, max_len=max_len, pad_to_multiple_of=8 if device.type == "cuda" else None)
     batches_cpu = [collator(examples[i * B : (i + 1) * B]) for i in range(n_batches)]
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches_cpu]
+    batches = [on_device(b, device) for b in batches_cpu]
     lengths = [b["attention_mask"].sum(1).tolist() for b in batches_cpu]
     padded_tokens = sum(b["attention_mask"].numel() for b in batches_cpu)
     tokens = sum(sum(ls) for ls in lengths) / n_batches

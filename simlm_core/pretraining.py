@@ -193,8 +193,8 @@ class RLMCollator:
 
     Returns ``encoder_input_ids`` / ``decoder_input_ids`` (masked copies: ``[MASK]`` at masked
     positions), ``encoder_mlm_mask`` / ``decoder_mlm_mask`` (where the model's generator samples),
-    ``attention_mask``, ``token_type_ids`` and ``labels`` (original ids at every non-special,
-    non-padding position; -100 elsewhere).
+    ``attention_mask``, ``token_type_ids``, ``labels`` (original ids at every non-special,
+    non-padding position; -100 elsewhere) and ``num_tokens`` (a Python int: the real tokens).
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -234,7 +234,7 @@ class RLMCollator:
         out[rand_pos] = torch.randint(len(self.tokenizer), (int(rand_pos.sum()),))
         return out
 
-    def __call__(self, examples: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict[str, str]]) -> dict[str, Any]:
         batch = tokenize_passages(self.tokenizer, examples, self.max_len, self.title_as_pair, self.pad_to_multiple_of,
                                   self.pad_to_max_len)
         ids, attn = batch["input_ids"], batch["attention_mask"].bool()
@@ -259,6 +259,8 @@ class RLMCollator:
             "labels": ids.masked_fill(~candidates, -100),
             "encoder_mlm_mask": enc_mask,
             "decoder_mlm_mask": dec_mask,
+            # known here for free; spares packed_training a host-device sync per step
+            "num_tokens": int(attn.sum()),
         }
         if "token_type_ids" in batch:
             out["token_type_ids"] = batch["token_type_ids"]

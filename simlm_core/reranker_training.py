@@ -44,6 +44,7 @@ from simlm_core.modeling.reranker import (
     DEFAULT_MAX_LEN,
     CrossEncoder,
     format_passage,
+    is_packed,
     pack_encoder_forward,
     tokenize_pairs,
 )
@@ -235,7 +236,7 @@ class GroupCollator:
         self.tokenizer = tokenizer
         self.max_len = max_len
 
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         sizes = {len(f["passages"]) for f in features}
         if len(sizes) != 1:
             raise ValueError(f"groups of unequal size in one batch: {sorted(sizes)}")
@@ -243,6 +244,8 @@ class GroupCollator:
         passages = [p for f in features for p in f["passages"]]
         batch = dict(tokenize_pairs(self.tokenizer, queries, passages, max_len=self.max_len))
         batch["labels"] = torch.zeros(len(features), dtype=torch.long)  # positive at index 0
+        # known here for free; spares packed_training a host-device sync per forward
+        batch["num_tokens"] = int(batch["attention_mask"].sum())
         return batch
 
 
@@ -260,16 +263,25 @@ class EpochCallback(TrainerCallback):
 
 # ---------------------------------------------------------------------------------------------
 # Loss
-def group_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], rdrop_alpha: float = 1.0,
+def _token_count(num_tokens: int | None) -> dict[str, int]:
+    """The keyword a packed model takes for the host's token count; none for other models."""
+    return {} if num_tokens is None else {"num_tokens": num_tokens}
+
+
+def group_loss(model: torch.nn.Module, inputs: dict[str, Any], rdrop_alpha: float = 1.0,
                forward_factor: int = 1, selector: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Loss of one batch of B groups (rows group-major, positive first; ``labels`` holds B zeros).
 
     Returns ``loss``, ``ce``, ``rdrop`` (0 when off) and ``scores`` [B, G'] of the (first) pass.
     R-Drop applies when ``rdrop_alpha > 0`` and the model is in training mode. ``selector`` is
     the unwrapped model used for the gradient-free top-k pass (defaults to ``model``).
+    ``inputs["num_tokens"]`` (the collator's count of real tokens, optional) reaches a packed
+    model (:func:`~simlm_core.modeling.reranker.pack_encoder_forward`), sparing it a sync.
     """
     labels = inputs["labels"]
-    enc = {k: v for k, v in inputs.items() if k != "labels"}
+    enc = {k: v for k, v in inputs.items() if k not in ("labels", "num_tokens")}
+    unwrapped = selector if selector is not None else model
+    num_tokens = inputs.get("num_tokens") if is_packed(unwrapped) else None
     batch = labels.shape[0]
     n_rows = enc["input_ids"].shape[0]
     if n_rows % batch:
@@ -278,27 +290,29 @@ def group_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], rdrop_al
 
     keep = trained_group_size(group, forward_factor) if forward_factor > 1 else group
     if keep < group:
-        selector = selector if selector is not None else model
+        selector = unwrapped
         was_training = selector.training
         selector.eval()
         with torch.no_grad():
-            full = selector(**enc).logits.view(batch, group).float()
+            full = selector(**enc, **_token_count(num_tokens)).logits.view(batch, group).float()
             full[:, 0] = float("inf")  # the positive always stays, first
             top = torch.topk(full, k=keep, dim=1, largest=True, sorted=True).indices
             rows = (top + group * torch.arange(batch, device=top.device).unsqueeze(1)).view(-1)
         selector.train(was_training)
         enc = {k: v.index_select(0, rows) for k, v in enc.items()}
         group = keep
+        num_tokens = None  # the kept rows' tokens are counted on the device
 
     if rdrop_alpha > 0 and model.training:
         doubled = {k: torch.cat([v, v], dim=0) for k, v in enc.items()}
-        scores = model(**doubled).logits.view(2, batch, group)
+        scores = model(**doubled, **_token_count(None if num_tokens is None else 2 * num_tokens)).logits
+        scores = scores.view(2, batch, group)
         s1, s2 = scores[0], scores[1]
         ce = 0.5 * (listwise_ce(s1) + listwise_ce(s2))
         rdrop = rdrop_kl(s1, s2)
         loss = ce + rdrop_alpha * rdrop
     else:
-        s1 = model(**enc).logits.view(batch, group)
+        s1 = model(**enc, **_token_count(num_tokens)).logits.view(batch, group)
         ce = listwise_ce(s1)
         rdrop = torch.zeros((), device=ce.device)
         loss = ce

@@ -498,7 +498,8 @@ def test_pad_to_max_len_gives_one_shape_and_the_same_labels(tokenizer, passages)
     torch.manual_seed(0)
     full = RLMCollator(tokenizer, max_len=200, pad_to_max_len=True)(examples)
     width = short["labels"].shape[1]
-    assert width < 200 and all(v.shape == (8, 200) for v in full.values())
+    assert width < 200 and all(v.shape == (8, 200) for k, v in full.items() if k != "num_tokens")
+    assert full["num_tokens"] == short["num_tokens"] == int(short["attention_mask"].sum())
     assert torch.equal(full["labels"][:, :width], short["labels"])
     assert (full["labels"][:, width:] == -100).all() and not full["attention_mask"][:, width:].any()
 

@@ -80,18 +80,36 @@ class PackedBatch:
     ``cu_seqlens`` (int32, ``[N+1]``) holds each text's start in the row (flash attention's
     layout); ``seq_index`` (``[T]``) the text each token belongs to; ``positions`` (``[T]``)
     each token's position in its text. ``max_len`` is a host-side bound on the texts' lengths.
+    ``source_index`` (``[T]``, when built by :meth:`from_flat` / :meth:`from_padded`) each token's
+    row in the flat input it was gathered from, so per-token tensors of that input (labels, a
+    second copy of the ids) follow without a boolean mask: see :meth:`gather`.
     """
 
-    __slots__ = ("input_ids", "token_type_ids", "positions", "seq_index", "cu_seqlens", "max_len")
+    __slots__ = ("input_ids", "token_type_ids", "positions", "seq_index", "cu_seqlens", "max_len",
+                 "source_index", "source_dims")
 
     def __init__(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, positions: torch.Tensor,
-                 seq_index: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> None:
+                 seq_index: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                 source_index: torch.Tensor | None = None) -> None:
         self.input_ids = input_ids
         self.token_type_ids = token_type_ids
         self.positions = positions
         self.seq_index = seq_index
         self.cu_seqlens = cu_seqlens
         self.max_len = max_len
+        self.source_index = source_index
+        self.source_dims = 1  # leading dims of the input that source_index counts over (2: [B, L])
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """The packed tokens' entries of a tensor laid out like the input (``[B, L, ...]`` for
+        :meth:`from_padded`, flat ``[*, ...]`` for :meth:`from_flat`): ``[T, ...]``, in packed order.
+
+        An index gather of known size: unlike ``values[attention_mask.bool()]`` it needs no
+        read-back of the mask (a host-device sync on CUDA).
+        """
+        if self.source_index is None:
+            raise ValueError("this PackedBatch was built without source_index (use from_flat / from_padded)")
+        return values.flatten(0, self.source_dims - 1)[self.source_index]
 
     def __len__(self) -> int:
         return self.cu_seqlens.numel() - 1
@@ -112,7 +130,7 @@ class PackedBatch:
         pos = torch.arange(total_tokens, device=device) - cu[:-1].long()[seq]
         flat = starts[seq] + pos
         tts = None if type_ids is None else type_ids[flat]
-        return cls(ids[flat], tts, pos, seq, cu, max_len)
+        return cls(ids[flat], tts, pos, seq, cu, max_len, flat)
 
     @classmethod
     def from_padded(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -130,7 +148,9 @@ class PackedBatch:
         width = input_ids.shape[1]
         starts = torch.arange(input_ids.shape[0], device=input_ids.device) * width
         tts = None if token_type_ids is None else token_type_ids.reshape(-1)
-        return cls.from_flat(input_ids.reshape(-1), tts, starts, lengths, int(num_tokens), width)
+        batch = cls.from_flat(input_ids.reshape(-1), tts, starts, lengths, int(num_tokens), width)
+        batch.source_dims = 2
+        return batch
 
 
 class PackedBertEncoder(nn.Module):
@@ -290,6 +310,18 @@ class PackedBertEncoder(nn.Module):
         return self._run(-1, layer, x, batch.positions, batch.seq_index, batch.cu_seqlens, batch.max_len, False)
 
     # -- forward ---------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The BERT embedding block (word + position + token type, LayerNorm, dropout) on packed
+        tokens ``[T]`` -> ``[T, E]``; token type 0 where ``token_type_ids`` is None, as BERT's."""
+        emb = self.embeddings
+        x = emb.word_embeddings(input_ids) + emb.position_embeddings(positions)
+        if token_type_ids is not None:
+            x = x + emb.token_type_embeddings(token_type_ids)
+        else:
+            x = x + emb.token_type_embeddings.weight[0]
+        return emb.dropout(emb.LayerNorm(x))
+
     def encode(self, batch: PackedBatch) -> torch.Tensor:
         """Pooled ``[N, H]`` vectors of ``batch``'s texts, in batch order (not normalised)."""
         return self(batch.input_ids, batch.positions, batch.seq_index, batch.cu_seqlens, batch.max_len,
@@ -298,13 +330,7 @@ class PackedBertEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_index: torch.Tensor,
                 cu_seqlens: torch.Tensor, max_len: int, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The fields of a :class:`PackedBatch` (plain tensors, for ``torch.compile``) -> ``[N, H]``."""
-        emb = self.embeddings
-        x = emb.word_embeddings(input_ids) + emb.position_embeddings(positions)
-        if token_type_ids is not None:
-            x = x + emb.token_type_embeddings(token_type_ids)
-        else:
-            x = x + emb.token_type_embeddings.weight[0]
-        x = emb.dropout(emb.LayerNorm(x))
+        x = self.embed(input_ids, positions, token_type_ids)
         if self.embeddings_project is not None:
             x = self.embeddings_project(x)
         last = len(self.layers) - 1

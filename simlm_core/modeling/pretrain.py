@@ -435,11 +435,15 @@ class SimLMForPretraining(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         encoder_mlm_mask: torch.Tensor | None = None,
         decoder_mlm_mask: torch.Tensor | None = None,
+        num_tokens: int | None = None,
     ) -> SimLMPretrainOutput:
+        """``num_tokens``: the attention mask's sum, if the host knows it (:class:`RLMCollator`
+        gives it); ``packed_training`` then packs the batch without waiting for the device."""
         enc_ids = self._replace(encoder_input_ids, attention_mask, token_type_ids, encoder_mlm_mask)
         if self.packed_training and self.training:
             loss, enc_loss, dec_loss = self._packed_losses(enc_ids, decoder_input_ids, attention_mask, labels,
-                                                           token_type_ids, encoder_mlm_mask, decoder_mlm_mask)
+                                                           token_type_ids, encoder_mlm_mask, decoder_mlm_mask,
+                                                           num_tokens)
             return self._output(loss, enc_loss, dec_loss, enc_ids, labels, attention_mask)
         hidden = self.encoder.bert(
             input_ids=enc_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
@@ -463,25 +467,27 @@ class SimLMForPretraining(nn.Module):
         return self._output(loss, enc_loss, dec_loss, enc_ids, labels, attention_mask)
 
     def _packed_losses(self, enc_ids, decoder_input_ids, attention_mask, labels, token_type_ids,
-                       encoder_mlm_mask, decoder_mlm_mask):
+                       encoder_mlm_mask, decoder_mlm_mask, num_tokens=None):
         """The RLM losses with encoder and decoder run padding-free (``packed_training``): the same
-        arithmetic on the real tokens only; the generator still reads the padded batch."""
+        arithmetic on the real tokens only; the generator still reads the padded batch. Per-token
+        tensors are gathered by index (:meth:`PackedBatch.gather`), so with the host's
+        ``num_tokens`` nothing here waits for the device."""
         from simlm_core.modeling.packed import PackedBatch
 
-        batch = PackedBatch.from_padded(enc_ids, attention_mask, token_type_ids)
-        real = attention_mask.bool()
+        batch = PackedBatch.from_padded(enc_ids, attention_mask, token_type_ids, num_tokens)
         hidden = self._packed_encoder.encode(batch)  # [T, H], the texts' tokens in row-major order
-        enc_loss = self._mlm_loss(hidden, self._labels(labels, encoder_mlm_mask)[real])
+        enc_loss = self._mlm_loss(hidden, batch.gather(self._labels(labels, encoder_mlm_mask)))
         loss = self.encoder_loss_weight * enc_loss
         dec_loss = None
         if self.use_decoder:
             dec_ids = self._replace(decoder_input_ids, attention_mask, token_type_ids, decoder_mlm_mask)
-            embeds = self.encoder.bert.embeddings(input_ids=dec_ids)[real]
+            # BERT's embedding block on the real tokens only (token type 0, as decoder_inputs)
+            embeds = self._packed_encoder.embed(batch.gather(dec_ids), batch.positions)
             first = batch.cu_seqlens[:-1].long()  # each text's [CLS] row takes the encoder's vector
             x = embeds.index_copy(0, first, hidden[first].to(embeds.dtype))
             for layer in self.decoder:
                 x = self._packed_encoder.run_layer(layer, x, batch)
-            dec_loss = self._mlm_loss(x, self._labels(labels, decoder_mlm_mask)[real])
+            dec_loss = self._mlm_loss(x, batch.gather(self._labels(labels, decoder_mlm_mask)))
             loss = loss + self.decoder_loss_weight * dec_loss
         return loss, enc_loss, dec_loss
 

@@ -100,6 +100,11 @@ def packed_logits(model: PreTrainedModel, encoder: PackedBertEncoder, batch: Pac
     return model.classifier(first)
 
 
+def is_packed(model: torch.nn.Module) -> bool:
+    """Whether :func:`pack_encoder_forward` switched ``model`` (unwrapped: not DDP / compiled)."""
+    return getattr(getattr(model, "base_model", None), "_packed_encoder", None) is not None
+
+
 def pack_encoder_forward(model: PreTrainedModel) -> None:
     """Make ``model``'s encoder (``model.base_model``) run padding-free, for training.
 
@@ -108,6 +113,8 @@ def pack_encoder_forward(model: PreTrainedModel) -> None:
     gradients to every weight). It returns the [CLS] rows only, as a ``[N, 1, H]`` last hidden
     state plus BERT's pooler output: all that the sequence-classification heads read. The model
     object, its parameters and state dict, the Trainer, DDP and checkpoints stay as they are.
+    The switched model also takes ``num_tokens`` (the mask's sum, known to the host: the
+    collator's), which packs the batch without a host-device sync.
     """
     reason = packed_scoring_support(model)
     if reason is not None:
@@ -118,12 +125,14 @@ def pack_encoder_forward(model: PreTrainedModel) -> None:
 
     def forward(input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> BaseModelOutputWithPooling:
+                inputs_embeds: torch.Tensor | None = None, num_tokens: int | None = None,
+                **kwargs: Any) -> BaseModelOutputWithPooling:
         if input_ids is None or inputs_embeds is not None or position_ids is not None:
             raise ValueError("the packed encoder takes input_ids (positions follow the attention mask)")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        first = packed.encode(PackedBatch.from_padded(input_ids, attention_mask, token_type_ids))[:, None, :]
+            attention_mask, num_tokens = torch.ones_like(input_ids), input_ids.numel()
+        batch = PackedBatch.from_padded(input_ids, attention_mask, token_type_ids, num_tokens)
+        first = packed.encode(batch)[:, None, :]
         return BaseModelOutputWithPooling(last_hidden_state=first,
                                           pooler_output=pooler(first) if pooler is not None else None)
 
