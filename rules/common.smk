@@ -172,8 +172,9 @@ TRITON_CODE = (
     "modeling/triton_support.py", "modeling/fused_norm.py", "modeling/_fused_norm_kernels.py",
     "modeling/attention_train.py", "modeling/_attention_kernels.py", "modeling/packed_attention.py",
 )
-# The padding-free encoder (packed encoding, scoring and packed_training) and its kernels.
-PACKED_CODE = ("modeling/packed.py", *TRITON_CODE)
+# How the stages' encoders run forward: padded batches' SDPA mask, the padding-free encoder
+# (packed encoding, scoring and packed_training) and its kernels.
+FORWARD_CODE = ("modeling/sdpa_mask.py", "modeling/packed.py", *TRITON_CODE)
 
 
 def train_args(stage, section, **paths):

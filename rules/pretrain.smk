@@ -78,7 +78,7 @@ rule pretrain:
         generator=local_model_inputs(generator_value()),
         code=core(
             "modeling/pretrain.py", "pretraining.py", "training.py", "drivers/pretrain.py",
-            *PACKED_CODE,  # packed_training, fused_norm, fused_attention
+            *FORWARD_CODE,  # packed_training, fused_norm, fused_attention
         ),
     output:
         directory(pretrain_checkpoint()),

@@ -3,7 +3,7 @@
 
 RERANKER_CODE = core(
     "modeling/reranker.py", "reranker_training.py", "losses.py", "training.py",
-    *PACKED_CODE,  # packed_training, fused_norm, fused_attention
+    *FORWARD_CODE,  # packed_training, fused_norm, fused_attention
     "drivers/train_reranker.py",
 )
 
@@ -52,7 +52,7 @@ rule rerank:
         corpus=corpus_path(),
         queries=queries_path("{split}"),
         run=run_path("retriever1", "{split}"),
-        code=core("rerank.py", "modeling/reranker.py", *PACKED_CODE,
+        code=core("rerank.py", "modeling/reranker.py", *FORWARD_CODE,
                   "tokenized.py", "drivers/rerank.py"),
     output:
         run=run_path("reranker", "{split}"),
@@ -92,7 +92,7 @@ rule score_teacher_shard:
         corpus=corpus_path(),
         queries=queries_path(TRAIN_SPLIT),
         negatives=negatives_path("retriever1"),
-        code=core("rerank.py", "modeling/reranker.py", *PACKED_CODE,
+        code=core("rerank.py", "modeling/reranker.py", *FORWARD_CODE,
                   "tokenized.py", "drivers/score_teacher.py"),
     output:
         scores=teacher_shard_path("{shard}"),

@@ -4,7 +4,7 @@
 
 BIENCODER_CODE = core(
     "modeling/biencoder.py",
-    *PACKED_CODE,  # packed_training, fused_norm, fused_attention
+    *FORWARD_CODE,  # packed_training, fused_norm, fused_attention
     "losses.py",
     "collators.py",
     "biencoder_training.py",
@@ -139,7 +139,7 @@ rule encode_shard:
     input:
         model=checkpoint_dir("{system}"),
         corpus=corpus_path(),
-        code=core("encode.py", "collators.py", "tokenized.py", "modeling/biencoder.py", *PACKED_CODE,
+        code=core("encode.py", "collators.py", "tokenized.py", "modeling/biencoder.py", *FORWARD_CODE,
                   "drivers/encode_corpus.py"),
     output:
         embeddings=embedding_shard_path("{system}", "{shard}", ".npy"),
@@ -221,7 +221,7 @@ rule dense_search:
         ids=index_path("{system}", ".ids.parquet"),
         queries=queries_path("{split}"),
         code=core("encode.py", "collators.py", "tokenized.py", "index.py", "modeling/biencoder.py",
-                  *PACKED_CODE),
+                  *FORWARD_CODE),
     output:
         run=run_path("{system}", "{split}"),
     params:

@@ -1,20 +1,23 @@
-"""Packed training steps never wait for the device.
+"""Training steps never wait for the device, padded or packed.
 
 Each step runs on PyTorch's ``meta`` device, whose tensors have shapes but no data: reading a
 value back (``.item()``, ``int(t)``, ``torch.equal``) or an op whose output size depends on the
 data (boolean-mask indexing, ``nonzero``) raises there, exactly where it would stall the host
-on a GPU. Each test also shows the same step without the collator's token count failing, so
-the check has teeth.
+on a GPU. The tests also show what they guard against failing there: packed steps without the
+collator's token count, and transformers' padding check on a 2D mask (which
+:func:`~simlm_core.modeling.sdpa_mask.key_padding_mask` spares padded steps).
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, ElectraConfig,
+                          ElectraForMaskedLM)
 
 from simlm_core.modeling.biencoder import BiEncoder
-from simlm_core.modeling.pretrain import SimLMForPretraining
+from simlm_core.modeling.pretrain import GeneratorReplacer, SimLMForPretraining
 from simlm_core.modeling.reranker import pack_encoder_forward
+from simlm_core.modeling.sdpa_mask import key_padding_mask
 from simlm_core.reranker_training import group_loss
 
 VOCAB = 64
@@ -24,58 +27,72 @@ CONFIG = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attenti
 READ_BACK = (RuntimeError, NotImplementedError)
 
 
-def _padded(rows: int, width: int) -> dict:
-    """A right-padded batch on the meta device, with the host's token count (a collator's)."""
+def _padded(rows: int, width: int, device: str = "meta") -> dict:
+    """A right-padded batch (on the meta device unless told), with the host's token count (a collator's)."""
     lengths = [width - (i % 3) for i in range(rows)]
     mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
-    return {"input_ids": torch.randint(5, VOCAB, (rows, width)).to("meta"), "attention_mask": mask.to("meta"),
+    return {"input_ids": torch.randint(5, VOCAB, (rows, width)).to(device), "attention_mask": mask.to(device),
             "num_tokens": sum(lengths)}
 
 
-def test_packed_biencoder_encoding_runs_without_the_data():
+@pytest.mark.parametrize("packed", [False, True])
+def test_biencoder_step_runs_without_the_data(packed):
+    """Query and passage encoders, contrastive and distillation losses, backward."""
     with torch.device("meta"):
-        model = BiEncoder(BertModel(BertConfig(**CONFIG), add_pooling_layer=False), packed_training=True)
+        model = BiEncoder(BertModel(BertConfig(**CONFIG), add_pooling_layer=False), packed_training=packed)
     model.train()
-    batch = _padded(6, 12)
-    vectors = model.encode_packed(batch["input_ids"], batch["attention_mask"], num_tokens=batch["num_tokens"])
-    assert vectors.shape == (6, 32) and vectors.is_meta
-    vectors.sum().backward()
-    with pytest.raises(READ_BACK):
-        model.encode_packed(batch["input_ids"], batch["attention_mask"])
+    query, passage = _padded(2, 8), _padded(4, 12)
+    out = model(query=query, passage=passage, teacher_scores=torch.zeros(2, 2, device="meta"))
+    assert out.loss.is_meta and out.kd_loss is not None
+    out.loss.backward()
+    del query["num_tokens"], passage["num_tokens"]
+    if packed:  # without the host's counts the packed batch is built from a read-back
+        with pytest.raises(READ_BACK):
+            model(query=query, passage=passage)
+    with pytest.raises(READ_BACK):  # transformers' own 2D-mask path checks the batch for padding
+        model.encoder(input_ids=query["input_ids"], attention_mask=query["attention_mask"])
 
 
-def test_packed_pretraining_step_runs_without_the_data():
-    """Encoder, decoder and both MLM losses of ``packed_training``, forward and backward, with the
+@pytest.mark.parametrize("packed", [False, True])
+def test_pretraining_step_runs_without_the_data(packed):
+    """Frozen generator, encoder, decoder and both MLM losses, forward and backward, with the
     authors' labels at every position (``label_positions='masked'`` gathers the labelled rows, a
-    sync it documents). The generator is left out: it reads the padded batch in both modes."""
+    sync it documents)."""
     with torch.device("meta"):
-        model = SimLMForPretraining(BertForMaskedLM(BertConfig(**CONFIG)), replacer=None, decoder_layers=2,
-                                    label_positions="all", packed_training=True)
+        encoder = BertForMaskedLM(BertConfig(**CONFIG))
+        generator = ElectraForMaskedLM(ElectraConfig(**{**CONFIG, "hidden_size": 16, "intermediate_size": 32}))
+    model = SimLMForPretraining(encoder, replacer=GeneratorReplacer(generator), decoder_layers=2,
+                                label_positions="all", packed_training=packed)
     model.train()
     batch = _pretraining_inputs(_padded(6, 12))
-    out = model(**batch)
+    masked = torch.zeros(6, 12, dtype=torch.bool, device="meta")
+    out = model(**batch, encoder_mlm_mask=masked, decoder_mlm_mask=masked)
     assert out.loss.is_meta and out.decoder_loss is not None
     out.loss.backward()
     assert all(p.grad is not None for p in model.decoder.parameters())
-    batch.pop("num_tokens")
-    with pytest.raises(READ_BACK):
-        model(**batch)
+    if packed:
+        batch.pop("num_tokens")
+        with pytest.raises(READ_BACK):
+            model(**batch)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("rdrop_alpha", [0.0, 1.0])
-def test_packed_reranker_group_loss_runs_without_the_data(rdrop_alpha):
+def test_reranker_group_loss_runs_without_the_data(packed, rdrop_alpha):
     with torch.device("meta"):
         model = BertForSequenceClassification(BertConfig(**CONFIG, num_labels=1))
-    pack_encoder_forward(model)
+    if packed:
+        pack_encoder_forward(model)
     model.train()
     batch = _padded(8, 12)  # 2 groups of 4 pairs
     batch["labels"] = torch.zeros(2, dtype=torch.long, device="meta")
     out = group_loss(model, batch, rdrop_alpha=rdrop_alpha)
     assert out["scores"].shape == (2, 4) and out["loss"].is_meta
     out["loss"].backward()
-    batch.pop("num_tokens")
-    with pytest.raises(READ_BACK):
-        group_loss(model, batch, rdrop_alpha=rdrop_alpha)
+    if packed:
+        batch.pop("num_tokens")
+        with pytest.raises(READ_BACK):
+            group_loss(model, batch, rdrop_alpha=rdrop_alpha)
 
 
 def _pretraining_inputs(batch: dict) -> dict:
@@ -115,3 +132,53 @@ def test_the_token_count_recompiles_nothing_when_training_padded(stage):
                 step(rows)
     finally:
         dynamo.reset()
+
+
+def test_key_padding_mask_only_for_bert_and_electra_on_sdpa():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    sdpa = BertModel(BertConfig(**CONFIG)).config  # a model's config names its attention
+    assert sdpa._attn_implementation == "sdpa"
+    assert torch.equal(key_padding_mask(sdpa, mask), mask.bool()[:, None, None, :])
+    eager = BertModel(BertConfig(**CONFIG)).config
+    eager._attn_implementation = "eager"  # adds the mask to scores: booleans would be wrong there
+    decoder = BertModel(BertConfig(**CONFIG, is_decoder=True)).config
+    roberta = BertModel(BertConfig(**CONFIG)).config
+    roberta.model_type = "roberta"
+    for config in (eager, decoder, roberta):
+        assert key_padding_mask(config, mask) is None
+    assert key_padding_mask(sdpa, None) is None
+
+
+def _eager_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    other = copy.deepcopy(model)
+    for module in other.modules():
+        config = getattr(module, "config", None)
+        if config is not None:
+            config._attn_implementation = "eager"  # transformers' own 2D-mask path
+    return other
+
+
+def test_padded_steps_with_the_4d_mask_match_transformers_2d_path():
+    """The key mask changes no loss: pre-training (generator, encoder, decoder) and the re-ranker's
+    group loss, against the same weights on eager attention, which build their masks from 2D."""
+    torch.manual_seed(0)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    generator = ElectraForMaskedLM(ElectraConfig(**{**CONFIG, "hidden_size": 16, "intermediate_size": 32}))
+    pretrain = SimLMForPretraining(BertForMaskedLM(BertConfig(**CONFIG, **no_dropout)), decoder_layers=2)
+    batch = _pretraining_inputs(_padded(6, 12, device="cpu"))
+    masked = torch.rand(6, 12) < 0.3
+    losses = []
+    for model in (pretrain, _eager_copy(pretrain)):
+        model.replacer = GeneratorReplacer(generator if not losses else _eager_copy(generator))
+        model.train()
+        torch.manual_seed(1)  # the generator's samples
+        losses.append(model(**batch, encoder_mlm_mask=masked, decoder_mlm_mask=masked).loss)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+
+    reranker = BertForSequenceClassification(BertConfig(**CONFIG, **no_dropout, num_labels=1)).train()
+    pairs = _padded(8, 12, device="cpu")
+    pairs["labels"] = torch.zeros(2, dtype=torch.long)
+    scores = [group_loss(m, pairs, rdrop_alpha=1.0)["scores"] for m in (reranker, _eager_copy(reranker))]
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)

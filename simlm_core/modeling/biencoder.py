@@ -31,6 +31,7 @@ local tensors without scaling; DDP's average of the per-rank means is the global
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,6 +46,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from simlm_core.losses import contrastive_scores, group_scores, kd_loss
+from simlm_core.modeling.sdpa_mask import key_padding_mask
 
 POOLINGS = ("cls", "mean")
 PASSAGE_FORMATS = ("pair", "concat")
@@ -210,7 +212,9 @@ def biencoder_loss(
         # single-process gradient of the global contrastive loss.
         all_q = gather_with_local_grad(scale_grad(q, world), world_q, rank)
         all_p = gather_with_local_grad(scale_grad(p, world), world_p, rank)
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    # (the meta device, on which tests check that a step never reads data back, has no autocast)
+    with (torch.autocast(device_type=q.device.type, enabled=False)
+          if torch.amp.is_autocast_available(q.device.type) else contextlib.nullcontext()):
         scores, labels = contrastive_scores(all_q.float(), all_p.float(), temperature, full_contrastive)
         ce = F.cross_entropy(scores, labels)
         kd = None
@@ -329,22 +333,17 @@ class BiEncoder(nn.Module):
         return F.normalize(emb.float(), dim=-1) if self.normalize else emb
 
     def prepared_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
-        """The ``[N, 1, 1, L]`` boolean mask SDPA broadcasts, for a BERT encoder on SDPA; else None.
-
-        Given the 2D mask, transformers checks per batch whether it has any padding (to drop it
-        for SDPA): one host-device sync per batch, which kept the GPU encoding loop from running
-        ahead of the device. A 4D mask is passed through unchecked.
-        """
-        config = self.encoder.config
-        if getattr(config, "model_type", None) != "bert" or getattr(config, "_attn_implementation", None) != "sdpa":
-            return None
-        return attention_mask.bool()[:, None, None, :]
+        """The ``[N, 1, 1, L]`` boolean mask SDPA broadcasts, for a BERT / ELECTRA encoder on SDPA;
+        else None (:func:`~simlm_core.modeling.sdpa_mask.key_padding_mask`: it spares
+        transformers' per-batch padding check, a host-device sync)."""
+        return key_padding_mask(self.encoder.config, attention_mask)
 
     def _encode_batch(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self.packed_training and self.training:
             return self.encode_packed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
                                       num_tokens=batch.get("num_tokens"))
-        return self.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return self.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                           prepared_mask=self.prepared_attention_mask(batch["attention_mask"]))
 
     def encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       token_type_ids: torch.Tensor | None = None, num_tokens: int | None = None) -> torch.Tensor:

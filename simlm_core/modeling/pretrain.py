@@ -69,6 +69,8 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import ModelOutput
 
+from simlm_core.modeling.sdpa_mask import key_padding_mask
+
 IGNORE_INDEX = -100
 ENCODER_WEIGHTS = "model.safetensors"
 MLM_HEAD_DIR = "mlm_head"
@@ -132,7 +134,9 @@ class GeneratorReplacer:
     def __call__(self, input_ids, attention_mask, token_type_ids, mask):
         self._to(input_ids.device)
         self.generator.eval()
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        key_mask = key_padding_mask(self.generator.config, attention_mask)  # no padding check (sync)
+        kwargs: dict[str, Any] = {"input_ids": input_ids,
+                                  "attention_mask": attention_mask if key_mask is None else key_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         logits = self.generator(**kwargs).logits
@@ -445,8 +449,11 @@ class SimLMForPretraining(nn.Module):
                                                            token_type_ids, encoder_mlm_mask, decoder_mlm_mask,
                                                            num_tokens)
             return self._output(loss, enc_loss, dec_loss, enc_ids, labels, attention_mask)
+        # A ready 4D mask where transformers would check the 2D one for padding (a sync per call)
+        key_mask = key_padding_mask(self.encoder.config, attention_mask)
         hidden = self.encoder.bert(
-            input_ids=enc_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            input_ids=enc_ids, attention_mask=attention_mask if key_mask is None else key_mask,
+            token_type_ids=token_type_ids,
         ).last_hidden_state
         enc_loss = self._mlm_loss(hidden, self._labels(labels, encoder_mlm_mask))
         loss = self.encoder_loss_weight * enc_loss
@@ -455,7 +462,7 @@ class SimLMForPretraining(nn.Module):
         if self.use_decoder:
             dec_ids = self._replace(decoder_input_ids, attention_mask, token_type_ids, decoder_mlm_mask)
             x = self.decoder_inputs(hidden[:, 0], dec_ids)
-            ext_mask = create_bidirectional_mask(
+            ext_mask = key_mask if key_mask is not None else create_bidirectional_mask(
                 config=self.encoder.config, inputs_embeds=x, attention_mask=attention_mask
             )
             for layer in self.decoder:

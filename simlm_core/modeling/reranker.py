@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from simlm_core.io import passage_text
 from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder, packed_support
+from simlm_core.modeling.sdpa_mask import key_padding_mask
 from simlm_core.tokenized import BackendTokenizer, Tokenized
 
 DEFAULT_MAX_LEN = 192
@@ -283,7 +284,10 @@ class CrossEncoder:
                             logits = packed_logits(self.model, encoder, PackedBatch.from_flat(
                                 tensors["ids"], tensors.get("type_ids"), tensors["starts"], tensors["lengths"],
                                 total, longest))
-                        else:
+                        else:  # SDPA's 4D mask where it applies: no per-batch padding check (a sync)
+                            key_mask = key_padding_mask(self.model.config, tensors["attention_mask"])
+                            if key_mask is not None:
+                                tensors["attention_mask"] = key_mask
                             logits = self.model(**tensors).logits
                     outputs.append(logits.view(-1).float())  # stays on the device: no sync per batch
         finally:
