@@ -58,6 +58,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer
 
 from simlm_core.io import corpus_arrow_cache, iter_corpus_batches, passage_text
+from simlm_core.modeling.sdpa_mask import key_padding_mask
 from simlm_core.training import (
     TrainConfig,
     check_packed_training,
@@ -533,6 +534,18 @@ def generator_config(args: GeneratorArgs, tokenizer: PreTrainedTokenizerBase):
     )
 
 
+class GeneratorTrainer(Trainer):
+    """HF Trainer for the generator's plain MLM, handing the model SDPA's ready key mask
+    (:func:`~simlm_core.modeling.sdpa_mask.key_padding_mask`): transformers then skips its
+    per-step padding check of the 2D mask, a host-device sync."""
+
+    def compute_loss(self, model, inputs, *args: Any, **kwargs: Any):
+        key_mask = key_padding_mask(self.accelerator.unwrap_model(model).config, inputs.get("attention_mask"))
+        if key_mask is not None:
+            inputs = {**inputs, "attention_mask": key_mask}
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
 def train_generator(args: GeneratorArgs) -> dict[str, Any]:
     """Train a small BERT MLM on the corpus; saved as an HF folder (+ tokenizer) in output_dir."""
     from transformers import BertForMaskedLM, set_seed
@@ -541,7 +554,7 @@ def train_generator(args: GeneratorArgs) -> dict[str, Any]:
     training_args = to_training_arguments(args)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
     model = BertForMaskedLM(generator_config(args, tokenizer))
-    trainer = Trainer(
+    trainer = GeneratorTrainer(
         model=model,
         args=training_args,
         train_dataset=_passages(args, training_args),

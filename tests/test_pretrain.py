@@ -455,6 +455,28 @@ def test_train_generator_saves_an_mlm_the_pretrainer_loads(tiny_encoder_dir, cor
     assert isinstance(rep, GeneratorReplacer)
 
 
+def test_generator_trainer_hands_the_model_the_4d_mask_and_the_same_loss(tiny_generator_dir, tokenizer, passages,
+                                                                         tmp_path):
+    """GeneratorTrainer's step gives transformers SDPA's key mask (no padding check, a sync) and the
+    loss of the 2D mask."""
+    from transformers import AutoModelForMaskedLM, Trainer
+
+    from simlm_core.pretraining import GeneratorTrainer, MLMCollator
+
+    model = AutoModelForMaskedLM.from_pretrained(str(tiny_generator_dir)).eval()
+    torch.manual_seed(0)
+    batch = MLMCollator(tokenizer, max_len=48)(passages.__getitems__(list(range(6))))
+    assert not batch["attention_mask"].bool().all()  # the batch holds padding
+    seen = []
+    model.bert.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"].dim()), with_kwargs=True)
+    args = to_training_arguments(GeneratorArgs(corpus_path="x", tokenizer_path="x", output_dir=str(tmp_path / "o"),
+                                               work_dir=str(tmp_path / "w")))
+    losses = [trainer.compute_loss(model, dict(batch)) for trainer in
+              (GeneratorTrainer(model=model, args=args), Trainer(model=model, args=args))]
+    assert seen == [4, 2]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_resume_after_kill(tiny_encoder_dir, tiny_generator_dir, tmp_path):
     corpus = _write_corpus(tmp_path / "corpus.parquet", n=200, min_words=60, max_words=120)
