@@ -3,6 +3,8 @@ import hashlib
 import json
 import os
 
+from simlm_core.code_deps import core_module_closure
+
 RUN = config["run_name"]
 OUT = os.path.join(config["results_dir"], RUN)
 SEED = config["seed"]
@@ -96,8 +98,11 @@ def bench_path(name):
 
 
 def core(*modules):
-    """Core-library files a stage runs, as inputs: editing one reruns the stage (DESIGN §4c)."""
-    return [os.path.join(workflow.basedir, "simlm_core", m) for m in ("io.py", *modules)]
+    """Core-library files a stage runs, as inputs: the named modules, io.py and every simlm_core
+    module they import, directly or through others (simlm_core/code_deps.py), so editing any of
+    them reruns the stage (DESIGN §4c)."""
+    named = [os.path.join(workflow.basedir, "simlm_core", m) for m in ("io.py", *modules)]
+    return core_module_closure(named, workflow.basedir)
 
 
 def enabled_systems():

@@ -74,6 +74,44 @@ def test_demo_dry_run_plans_every_stage(tmp_path):
     assert jobs["encode_shard"] == 6
 
 
+def rule_scripts() -> dict[str, Path]:
+    """Rule name -> its ``script:`` file, read from rules/*.smk."""
+    scripts = {}
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        for block in re.split(r"^rule ", smk.read_text(), flags=re.M)[1:]:
+            found = re.search(r"^\s+script:\s*\n\s+\"([^\"]+)\"", block, flags=re.M)
+            if found:
+                scripts[block.split(":", 1)[0]] = (smk.parent / found.group(1)).resolve()
+    return scripts
+
+
+def test_every_job_has_the_core_modules_it_runs_as_inputs(tmp_path):
+    """A job's inputs hold every simlm_core file its driver (``python -m simlm_core.drivers.X``)
+    or workflow script imports, directly or not, lazy imports included: editing any of them
+    reruns the stage. The demo plans every rule."""
+    from simlm_core.code_deps import core_module_closure
+
+    text = (lambda p: p.stdout + p.stderr)(snakemake(tmp_path, "-n", "-p"))
+    scripts = rule_scripts()
+    checked = set()
+    for job in text.split("\nrule ")[1:]:
+        rule = job.split(":", 1)[0]
+        inputs = {Path(f).resolve() for f in re.search(r"^\s+input: (.*)$", job, flags=re.M).group(1).split(", ")}
+        driver = re.search(r"-m (simlm_core\.drivers\.\w+)", job.split("\n\n", 1)[0])
+        if driver:
+            entry = REPO / (driver.group(1).replace(".", "/") + ".py")
+        elif rule in scripts:
+            entry = scripts[rule]
+        else:
+            continue
+        runs = {Path(f).resolve() for f in core_module_closure([entry], REPO)} - {entry}
+        missing = sorted(str(f.relative_to(REPO)) for f in runs - inputs)
+        assert not missing, f"rule {rule} runs {missing} without them as inputs"
+        checked.add(rule)
+    assert {"prepare_data", "train_generator", "pretrain", "train_dense", "encode_shard", "train_reranker",
+            "merge_teacher_scores", "evaluate", "report"} <= checked, checked
+
+
 def assert_job_starts_from(proc: subprocess.CompletedProcess, rule: str, wildcards: str | None, init: str) -> None:
     """In a `-n -p` plan, the one `rule` job (with these wildcards) has `init` as an input (so it
     is built first) and passes it to its driver as model_name_or_path."""
