@@ -171,16 +171,6 @@ def work_dir(stage, args):
     return out("_work", f"{stage}-{digest}")
 
 
-# Our Triton kernels with their wrappers: fused_norm and fused_attention (every trainer), and the
-# packed encoder's attention.
-TRITON_CODE = (
-    "modeling/triton_support.py", "modeling/fused_norm.py", "modeling/_fused_norm_kernels.py",
-    "modeling/attention_train.py", "modeling/_attention_kernels.py", "modeling/packed_attention.py",
-)
-# How the stages' encoders run forward: padded batches' SDPA mask, the padding-free encoder
-# (packed encoding, scoring and packed_training) and its kernels.
-FORWARD_CODE = ("modeling/sdpa_mask.py", "modeling/packed.py", *TRITON_CODE)
-
 
 def train_args(stage, section, **paths):
     """The driver's arguments: a stage's config section plus artifact paths and the seed."""

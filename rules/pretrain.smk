@@ -5,7 +5,7 @@ rule init_model:
     """A small random BERT (+ WordPiece vocabulary learned on the corpus) for offline runs."""
     input:
         corpus=corpus_path(),
-        code=core("modeling/scratch.py", "drivers/init_model.py"),
+        code=core("drivers/init_model.py"),
     output:
         directory(scratch_model_dir()),
     params:
@@ -37,7 +37,7 @@ rule train_generator:
     input:
         corpus=corpus_path(),
         tokenizer=local_model_inputs(base_encoder()),
-        code=core("pretraining.py", "training.py", "drivers/train_generator.py", *TRITON_CODE),  # fused_*
+        code=core("drivers/train_generator.py"),
     output:
         directory(generator_dir()),
     params:
@@ -76,10 +76,7 @@ rule pretrain:
         corpus=corpus_path(),
         encoder=local_model_inputs(base_encoder()),
         generator=local_model_inputs(generator_value()),
-        code=core(
-            "modeling/pretrain.py", "pretraining.py", "training.py", "drivers/pretrain.py",
-            *FORWARD_CODE,  # packed_training, fused_norm, fused_attention
-        ),
+        code=core("drivers/pretrain.py"),
     output:
         directory(pretrain_checkpoint()),
     params:

@@ -1,11 +1,7 @@
 # Stage 6: cross-encoder re-ranker on mined negatives; re-ranking as a system; teacher scores for
 # distillation (sharded like encoding).
 
-RERANKER_CODE = core(
-    "modeling/reranker.py", "reranker_training.py", "losses.py", "training.py",
-    *FORWARD_CODE,  # packed_training, fused_norm, fused_attention
-    "drivers/train_reranker.py",
-)
+RERANKER_CODE = core("drivers/train_reranker.py")
 
 
 rule train_reranker:
@@ -52,8 +48,7 @@ rule rerank:
         corpus=corpus_path(),
         queries=queries_path("{split}"),
         run=run_path("retriever1", "{split}"),
-        code=core("rerank.py", "modeling/reranker.py", *FORWARD_CODE,
-                  "tokenized.py", "drivers/rerank.py"),
+        code=core("drivers/rerank.py"),
     output:
         run=run_path("reranker", "{split}"),
     params:
@@ -92,8 +87,7 @@ rule score_teacher_shard:
         corpus=corpus_path(),
         queries=queries_path(TRAIN_SPLIT),
         negatives=negatives_path("retriever1"),
-        code=core("rerank.py", "modeling/reranker.py", *FORWARD_CODE,
-                  "tokenized.py", "drivers/score_teacher.py"),
+        code=core("drivers/score_teacher.py"),
     output:
         scores=teacher_shard_path("{shard}"),
     params:

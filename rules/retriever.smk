@@ -2,15 +2,7 @@
 # encoding, FAISS index and dense search. One generic encode/index/search path serves every
 # dense system.
 
-BIENCODER_CODE = core(
-    "modeling/biencoder.py",
-    *FORWARD_CODE,  # packed_training, fused_norm, fused_attention
-    "losses.py",
-    "collators.py",
-    "biencoder_training.py",
-    "training.py",
-    "drivers/train_biencoder.py",
-)
+BIENCODER_CODE = core("drivers/train_biencoder.py")
 
 
 def biencoder_args(stage, section, init, negatives, output_dir, teacher_scores=None):
@@ -139,8 +131,7 @@ rule encode_shard:
     input:
         model=checkpoint_dir("{system}"),
         corpus=corpus_path(),
-        code=core("encode.py", "collators.py", "tokenized.py", "modeling/biencoder.py", *FORWARD_CODE,
-                  "drivers/encode_corpus.py"),
+        code=core("drivers/encode_corpus.py"),
     output:
         embeddings=embedding_shard_path("{system}", "{shard}", ".npy"),
         ids=embedding_shard_path("{system}", "{shard}", ".ids.parquet"),
@@ -220,8 +211,7 @@ rule dense_search:
         index=index_path("{system}", ".faiss"),
         ids=index_path("{system}", ".ids.parquet"),
         queries=queries_path("{split}"),
-        code=core("encode.py", "collators.py", "tokenized.py", "index.py", "modeling/biencoder.py",
-                  *FORWARD_CODE),
+        code=core("encode.py", "index.py"),  # what workflow_scripts/dense_search.py imports
     output:
         run=run_path("{system}", "{split}"),
     params:
