@@ -198,3 +198,104 @@ def as_json(args):
     its rerun check (it counts as derived from files), so a changed hyper-parameter would not
     rerun the rule. A wildcards-only function is compared, and with it every config value in it."""
     return json.dumps(args, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage inputs and arguments (functions live here, rules in the stage files: snakemake --lint)
+
+
+def dataset_inputs(wildcards):
+    """Raw files are inputs when the dataset is a folder on disk, so an edit there reruns."""
+    path = config["dataset"]["path"]
+    if config["dataset"]["format"] == "demo" or not path:
+        return []
+    return [path]
+
+
+def generator_value():
+    g = config["pretrain"]["generator"]
+    return generator_dir() if g == "train" else g
+
+
+def biencoder_args(stage, section, init, negatives, output_dir, teacher_scores=None):
+    r = config["retriever"]
+    return train_args(
+        stage,
+        {
+            "pooling": r["pooling"],
+            "normalize": r["normalize"],
+            "temperature": r["temperature"],
+            **section,
+        },
+        model_name_or_path=init,
+        corpus_path=corpus_path(),
+        queries_path=queries_path(TRAIN_SPLIT),
+        negatives_path=negatives,
+        teacher_scores_path=teacher_scores,
+        output_dir=output_dir,
+    )
+
+
+# Per dense system: (initial model, negatives table, teacher scores, config section).
+def dense_system_spec(system):
+    specs = {
+        "retriever1": (pretrained_encoder(), negatives_path("bm25"), None, "retriever"),
+        "retriever1_nopretrain": (base_encoder(), negatives_path("bm25"), None, "retriever"),
+        "retriever2": (pretrained_encoder(), negatives_path("retriever1"), None, "retriever2"),
+        "retriever_distill": (
+            distill_init(),
+            negatives_path("retriever1"),
+            teacher_scores_path(),
+            "distill",
+        ),
+    }
+    return specs[system]
+
+
+def train_dense_inputs(wildcards):
+    init, negatives, teacher, _ = dense_system_spec(wildcards.system)
+    inputs = {
+        "corpus": corpus_path(),
+        "queries": queries_path(TRAIN_SPLIT),
+        "negatives": negatives,
+        "init": local_model_inputs(init),
+        "code": core("drivers/train_biencoder.py"),
+    }
+    if teacher:
+        inputs["teacher"] = teacher
+    return inputs
+
+
+def train_dense_args(wildcards):
+    """The driver's arguments. Only wildcards in, no `input`/`output`: Snakemake compares such a
+    params function on reruns, so a changed hyper-parameter reruns the training (see as_json)."""
+    init, negatives, teacher, section = dense_system_spec(wildcards.system)
+    return as_json(
+        biencoder_args(
+            f"train_{wildcards.system}",
+            config[section]["train"],
+            init,
+            negatives,
+            checkpoint_dir(wildcards.system),
+            teacher,
+        )
+    )
+
+
+def embedding_shards(system, suffix):
+    """Every shard's file of one kind (see embedding_shard_path), for a system or "{system}"."""
+    return [embedding_shard_path(system, s, suffix) for s in range(config["encode"]["shards"])]
+
+
+def system_run(wildcards):
+    return out(wildcards.any_system, "runs", f"{wildcards.split}.parquet")
+
+
+def metric_files():
+    return expand(
+        out("metrics", "{system}", "{split}.json"), system=enabled_systems(), split=EVAL_SPLITS
+    )
+
+
+def report_outputs():
+    return [out("report", "report.html"), out("report", "report.md"), out("report", "metrics.csv")]

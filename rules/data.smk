@@ -1,14 +1,6 @@
 # Stage 1: raw data (demo / BEIR / MS MARCO / NQ) -> canonical Parquet artifacts.
 
 
-def dataset_inputs(wildcards):
-    """Raw files are inputs when the dataset is a folder on disk, so an edit there reruns."""
-    path = config["dataset"]["path"]
-    if config["dataset"]["format"] == "demo" or not path:
-        return []
-    return [path]
-
-
 rule prepare_data:
     input:
         raw=dataset_inputs,

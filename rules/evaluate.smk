@@ -1,10 +1,6 @@
 # Stage 8: metrics per system and split (ir-measures; DPR answer matching where answers exist).
 
 
-def system_run(wildcards):
-    return out(wildcards.any_system, "runs", f"{wildcards.split}.parquet")
-
-
 rule evaluate:
     input:
         run=system_run,

@@ -65,11 +65,6 @@ rule train_generator:
         "python -m simlm_core.drivers.train_generator --args-json {params.args:q} > {log} 2>&1"
 
 
-def generator_value():
-    g = config["pretrain"]["generator"]
-    return generator_dir() if g == "train" else g
-
-
 rule pretrain:
     """SimLM: encoder + 2-layer decoder reading only the [CLS] bottleneck, RLM loss."""
     input:

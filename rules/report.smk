@@ -2,16 +2,6 @@
 # and each stage's cost from Snakemake's benchmark files.
 
 
-def metric_files():
-    return expand(
-        out("metrics", "{system}", "{split}.json"), system=enabled_systems(), split=EVAL_SPLITS
-    )
-
-
-def report_outputs():
-    return [out("report", "report.html"), out("report", "report.md"), out("report", "metrics.csv")]
-
-
 rule report:
     input:
         metrics=metric_files(),

@@ -2,73 +2,6 @@
 # encoding, FAISS index and dense search. One generic encode/index/search path serves every
 # dense system.
 
-BIENCODER_CODE = core("drivers/train_biencoder.py")
-
-
-def biencoder_args(stage, section, init, negatives, output_dir, teacher_scores=None):
-    r = config["retriever"]
-    return train_args(
-        stage,
-        {
-            "pooling": r["pooling"],
-            "normalize": r["normalize"],
-            "temperature": r["temperature"],
-            **section,
-        },
-        model_name_or_path=init,
-        corpus_path=corpus_path(),
-        queries_path=queries_path(TRAIN_SPLIT),
-        negatives_path=negatives,
-        teacher_scores_path=teacher_scores,
-        output_dir=output_dir,
-    )
-
-
-# Per dense system: (initial model, negatives table, teacher scores, config section).
-def dense_system_spec(system):
-    specs = {
-        "retriever1": (pretrained_encoder(), negatives_path("bm25"), None, "retriever"),
-        "retriever1_nopretrain": (base_encoder(), negatives_path("bm25"), None, "retriever"),
-        "retriever2": (pretrained_encoder(), negatives_path("retriever1"), None, "retriever2"),
-        "retriever_distill": (
-            distill_init(),
-            negatives_path("retriever1"),
-            teacher_scores_path(),
-            "distill",
-        ),
-    }
-    return specs[system]
-
-
-def train_dense_inputs(wildcards):
-    init, negatives, teacher, _ = dense_system_spec(wildcards.system)
-    inputs = {
-        "corpus": corpus_path(),
-        "queries": queries_path(TRAIN_SPLIT),
-        "negatives": negatives,
-        "init": local_model_inputs(init),
-        "code": BIENCODER_CODE,
-    }
-    if teacher:
-        inputs["teacher"] = teacher
-    return inputs
-
-
-def train_dense_args(wildcards):
-    """The driver's arguments. Only wildcards in, no `input`/`output`: Snakemake compares such a
-    params function on reruns, so a changed hyper-parameter reruns the training (see as_json)."""
-    init, negatives, teacher, section = dense_system_spec(wildcards.system)
-    return as_json(
-        biencoder_args(
-            f"train_{wildcards.system}",
-            config[section]["train"],
-            init,
-            negatives,
-            checkpoint_dir(wildcards.system),
-            teacher,
-        )
-    )
-
 
 rule export_zeroshot:
     """System `zeroshot`: the initial encoder as it is (no fine-tuning), as a baseline row."""
@@ -78,7 +11,8 @@ rule export_zeroshot:
     output:
         directory(checkpoint_dir("zeroshot")),
     params:
-        encoder=base_encoder(),
+        # a hub id or a folder (then also the `init` input); wildcards only, so reruns compare it
+        encoder=lambda wc: base_encoder(),
         pooling=config["retriever"]["pooling"],
         normalize=config["retriever"]["normalize"],
         temperature=config["retriever"]["temperature"],
@@ -164,11 +98,6 @@ rule encode_shard:
         "../envs/cpu.yaml"
     shell:
         "python -m simlm_core.drivers.encode_corpus --args-json {params.args:q} > {log} 2>&1"
-
-
-def embedding_shards(system, suffix):
-    """Every shard's file of one kind (see embedding_shard_path), for a system or "{system}"."""
-    return [embedding_shard_path(system, s, suffix) for s in range(config["encode"]["shards"])]
 
 
 rule build_index:

@@ -74,6 +74,14 @@ def test_demo_dry_run_plans_every_stage(tmp_path):
     assert jobs["encode_shard"] == 6
 
 
+def test_snakemake_lint_finds_nothing(tmp_path):
+    """The catalog's conventions (log and conda per rule, functions apart from rules, params that
+    name files taken from inputs): `snakemake --lint` passes clean."""
+    proc = snakemake(tmp_path, "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr, \
+        (proc.stdout + proc.stderr)[-4000:]
+
+
 def rule_scripts() -> dict[str, Path]:
     """Rule name -> its ``script:`` file, read from rules/*.smk."""
     scripts = {}
