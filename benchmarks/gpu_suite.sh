@@ -10,6 +10,8 @@
 #                  "biencoder-packed": the biencoder step on real passage lengths, padded vs packed_training.
 #                  "norm" is norm_kernels.py: dropout-add-LayerNorm, torch vs inductor vs our fused kernel.
 #                  "kernels": tests/triton_interpreter_checks.py on the GPU (our kernels against torch, compiled).
+#                  "nosync": tests/test_no_sync.py -m gpu: each stage's training step (padded, packed, fused
+#                  kernels on and off) in bf16 under torch.cuda.set_sync_debug_mode("error").
 #                  A training part with "-fusednorm", "-fusedattn" or "-fused" appended (e.g. "biencoder-fused")
 #                  runs with --fused-norm 1, --fused-attention 1 or both (our Triton training kernels).
 #   PACKED_ATTENTION  the packed encoder's attention kernels to time (default "auto"; e.g. "varlen,triton")
@@ -79,6 +81,18 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
       > "$out/norm_kernels-cuda.log" 2>&1
     echo "   exit $?"
     grep "^   \|^fused" "$out/norm_kernels-cuda.log"
+    continue
+  fi
+  if [ "$part" = nosync ]; then  # every stage's training step under CUDA's sync debug mode "error"
+    cap="${CAP_nosync:-180}"
+    echo "== nosync (cap ${cap}s)"
+    if python3 -c "import pytest" 2>/dev/null; then
+      timeout "$cap" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_no_sync.py > "$out/nosync-cuda.log" 2>&1
+      echo "   exit $?"
+      grep "passed\|failed\|Error" "$out/nosync-cuda.log" | tail -20
+    else
+      echo "   pytest is not installed here: skipped"
+    fi
     continue
   fi
   if [ "$part" = shard ]; then

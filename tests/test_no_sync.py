@@ -3,11 +3,15 @@
 Each step runs on PyTorch's ``meta`` device, whose tensors have shapes but no data: reading a
 value back (``.item()``, ``int(t)``, ``torch.equal``) or an op whose output size depends on the
 data (boolean-mask indexing, ``nonzero``) raises there, exactly where it would stall the host
-on a GPU. The tests also show what they guard against failing there: packed steps without the
-collator's token count, and transformers' padding check on a 2D mask (which
-:func:`~simlm_core.modeling.sdpa_mask.key_padding_mask` spares padded steps).
+on a GPU. On a CUDA machine the same steps also run on the GPU in bf16 under
+``torch.cuda.set_sync_debug_mode("error")``, with and without our fused kernels (``-m gpu``;
+``benchmarks/gpu_suite.sh`` part ``nosync``). The tests also show what they guard against
+failing: packed steps without the collator's token count, and transformers' padding check on a
+2D mask (which :func:`~simlm_core.modeling.sdpa_mask.key_padding_mask` spares padded steps).
 """
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -19,12 +23,31 @@ from simlm_core.modeling.pretrain import GeneratorReplacer, SimLMForPretraining
 from simlm_core.modeling.reranker import pack_encoder_forward
 from simlm_core.modeling.sdpa_mask import key_padding_mask
 from simlm_core.reranker_training import group_loss
+from simlm_core.training import fuse_attention, fuse_norms
 
 VOCAB = 64
 CONFIG = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
               max_position_embeddings=64)
-# What meta tensors raise on a read-back or a data-dependent shape.
+# What a read-back or a data-dependent shape raises: on meta tensors, and under CUDA's sync debug mode.
 READ_BACK = (RuntimeError, NotImplementedError)
+DEVICES = ["meta", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU")])]
+
+
+@contextlib.contextmanager
+def no_sync(device: str):
+    """Raise on any host-device sync inside (CUDA: sync debug mode 'error', bf16 autocast as in training;
+    meta: every read-back raises anyway)."""
+    if device != "cuda":
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def _padded(rows: int, width: int, device: str = "meta") -> dict:
@@ -35,63 +58,83 @@ def _padded(rows: int, width: int, device: str = "meta") -> dict:
             "num_tokens": sum(lengths)}
 
 
+def _built(model: torch.nn.Module, fused: bool) -> torch.nn.Module:
+    """``model`` in training mode, with the fused_norm / fused_attention switches if asked (on meta
+    the norms run torch's ops and attention stays SDPA; on CUDA our kernels, after their self-checks)."""
+    if fused:
+        fuse_norms(model)
+        fuse_attention(model)
+    return model.train()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_biencoder_step_runs_without_the_data(packed):
+def test_biencoder_step_runs_without_the_data(device, fused, packed):
     """Query and passage encoders, contrastive and distillation losses, backward."""
-    with torch.device("meta"):
-        model = BiEncoder(BertModel(BertConfig(**CONFIG), add_pooling_layer=False), packed_training=packed)
-    model.train()
-    query, passage = _padded(2, 8), _padded(4, 12)
-    out = model(query=query, passage=passage, teacher_scores=torch.zeros(2, 2, device="meta"))
-    assert out.loss.is_meta and out.kd_loss is not None
-    out.loss.backward()
+    with torch.device(device):
+        model = _built(BiEncoder(BertModel(BertConfig(**CONFIG), add_pooling_layer=False), packed_training=packed),
+                       fused)
+    query, passage = _padded(2, 8, device), _padded(4, 12, device)
+    with no_sync(device):
+        out = model(query=query, passage=passage, teacher_scores=torch.zeros(2, 2, device=device))
+        assert out.kd_loss is not None
+        out.loss.backward()
     del query["num_tokens"], passage["num_tokens"]
-    if packed:  # without the host's counts the packed batch is built from a read-back
-        with pytest.raises(READ_BACK):
-            model(query=query, passage=passage)
-    with pytest.raises(READ_BACK):  # transformers' own 2D-mask path checks the batch for padding
-        model.encoder(input_ids=query["input_ids"], attention_mask=query["attention_mask"])
+    with torch.device(device):
+        plain = BertModel(BertConfig(**CONFIG))
+    with no_sync(device):
+        if packed:  # without the host's counts the packed batch is built from a read-back
+            with pytest.raises(READ_BACK):
+                model(query=query, passage=passage)
+        with pytest.raises(READ_BACK):  # transformers' own 2D-mask path checks the batch for padding
+            plain(input_ids=query["input_ids"], attention_mask=query["attention_mask"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_pretraining_step_runs_without_the_data(packed):
+def test_pretraining_step_runs_without_the_data(device, fused, packed):
     """Frozen generator, encoder, decoder and both MLM losses, forward and backward, with the
     authors' labels at every position (``label_positions='masked'`` gathers the labelled rows, a
     sync it documents)."""
-    with torch.device("meta"):
+    with torch.device(device):
         encoder = BertForMaskedLM(BertConfig(**CONFIG))
         generator = ElectraForMaskedLM(ElectraConfig(**{**CONFIG, "hidden_size": 16, "intermediate_size": 32}))
-    model = SimLMForPretraining(encoder, replacer=GeneratorReplacer(generator), decoder_layers=2,
-                                label_positions="all", packed_training=packed)
-    model.train()
-    batch = _pretraining_inputs(_padded(6, 12))
-    masked = torch.zeros(6, 12, dtype=torch.bool, device="meta")
-    out = model(**batch, encoder_mlm_mask=masked, decoder_mlm_mask=masked)
-    assert out.loss.is_meta and out.decoder_loss is not None
-    out.loss.backward()
+        model = _built(SimLMForPretraining(encoder, replacer=GeneratorReplacer(generator), decoder_layers=2,
+                                           label_positions="all", packed_training=packed), fused)
+    batch = _pretraining_inputs(_padded(6, 12, device))
+    masked = torch.zeros(6, 12, dtype=torch.bool, device=device)
+    with no_sync(device):
+        out = model(**batch, encoder_mlm_mask=masked, decoder_mlm_mask=masked)
+        assert out.decoder_loss is not None
+        out.loss.backward()
     assert all(p.grad is not None for p in model.decoder.parameters())
     if packed:
         batch.pop("num_tokens")
-        with pytest.raises(READ_BACK):
+        with no_sync(device), pytest.raises(READ_BACK):
             model(**batch)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("rdrop_alpha", [0.0, 1.0])
-def test_reranker_group_loss_runs_without_the_data(packed, rdrop_alpha):
-    with torch.device("meta"):
+def test_reranker_group_loss_runs_without_the_data(device, fused, packed, rdrop_alpha):
+    with torch.device(device):
         model = BertForSequenceClassification(BertConfig(**CONFIG, num_labels=1))
     if packed:
         pack_encoder_forward(model)
-    model.train()
-    batch = _padded(8, 12)  # 2 groups of 4 pairs
-    batch["labels"] = torch.zeros(2, dtype=torch.long, device="meta")
-    out = group_loss(model, batch, rdrop_alpha=rdrop_alpha)
-    assert out["scores"].shape == (2, 4) and out["loss"].is_meta
-    out["loss"].backward()
+    model = _built(model, fused)
+    batch = _padded(8, 12, device)  # 2 groups of 4 pairs
+    batch["labels"] = torch.zeros(2, dtype=torch.long, device=device)
+    with no_sync(device):
+        out = group_loss(model, batch, rdrop_alpha=rdrop_alpha)
+        assert out["scores"].shape == (2, 4)
+        out["loss"].backward()
     if packed:
         batch.pop("num_tokens")
-        with pytest.raises(READ_BACK):
+        with no_sync(device), pytest.raises(READ_BACK):
             group_loss(model, batch, rdrop_alpha=rdrop_alpha)
 
 
