@@ -277,7 +277,8 @@ def group_loss(model: torch.nn.Module, inputs: dict[str, Any], rdrop_alpha: floa
     R-Drop applies when ``rdrop_alpha > 0`` and the model is in training mode. ``selector`` is
     the unwrapped model used for the gradient-free top-k pass (defaults to ``model``).
     ``inputs["num_tokens"]`` (the collator's count of real tokens, optional) reaches a packed
-    model (:func:`~simlm_core.modeling.reranker.pack_encoder_forward`), sparing it a sync.
+    model (:func:`~simlm_core.modeling.reranker.pack_encoder_forward`), sparing it a sync; after a
+    ``forward_factor`` selection the kept rows' count is data, so a packed model reads it back once.
     """
     labels = inputs["labels"]
     enc = {k: v for k, v in inputs.items() if k not in ("labels", "num_tokens")}

@@ -138,6 +138,21 @@ def test_reranker_group_loss_runs_without_the_data(device, fused, packed, rdrop_
             group_loss(model, batch, rdrop_alpha=rdrop_alpha)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_reranker_forward_factor_selection_runs_without_the_data(device):
+    """The authors' forward_factor (score every pair without gradients, train on each group's top
+    ones) picks the rows on the device. (With packed_training the kept rows' token count is data:
+    that one step reads it back.)"""
+    with torch.device(device):
+        model = _built(BertForSequenceClassification(BertConfig(**CONFIG, num_labels=1)), fused=False)
+    batch = _padded(16, 12, device)  # 2 groups of 8 pairs; forward_factor 4 keeps 2 per group
+    batch["labels"] = torch.zeros(2, dtype=torch.long, device=device)
+    with no_sync(device):
+        out = group_loss(model, batch, rdrop_alpha=1.0, forward_factor=4)
+        assert out["scores"].shape == (2, 2)
+        out["loss"].backward()
+
+
 def _pretraining_inputs(batch: dict) -> dict:
     ids = batch.pop("input_ids")
     return {**batch, "encoder_input_ids": ids, "decoder_input_ids": ids, "labels": ids}
