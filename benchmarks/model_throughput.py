@@ -856,7 +856,7 @@ def bench_biencoder(args, device, size, work: Path, peak) -> list[dict]:
         if s > 2:
             tt[:, 2:] = 1  # "[CLS] [SEP] text [SEP]": text segment
         return {"input_ids": ids.to(device), "attention_mask": torch.ones(n, s, dtype=torch.long, device=device),
-                "token_type_ids": tt.to(device)}
+                "token_type_ids": tt.to(device), "num_tokens": n * s}  # the collator's count: no padding
 
     batches = [(inputs(Q, lq), inputs(Q * G, lp)) for _ in range(2)]
 

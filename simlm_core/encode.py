@@ -240,7 +240,7 @@ def _encode_tokenized(
             rows = order_dev[s : s + batch_size]
             if packed is None:
                 ids, mask, tts = tokens.batch(rows, rounded(int(lengths[order[s]])), pad_id)
-                emb = model.encode(ids, mask, tts, prepared_mask=model.prepared_attention_mask(mask))
+                emb = model.encode(ids, mask, tts, num_tokens=int(lengths[order[s : s + batch_size]].sum()))
             else:
                 batch = tokens.packed(rows, int(lengths[order[s : s + batch_size]].sum()),
                                       rounded(int(lengths[order[s]])))

@@ -541,7 +541,7 @@ class GeneratorTrainer(Trainer):
 
     def compute_loss(self, model, inputs, *args: Any, **kwargs: Any):
         key_mask = key_padding_mask(self.accelerator.unwrap_model(model).config, inputs.get("attention_mask"))
-        if key_mask is not None:
+        if key_mask is not None:  # (the collator gives no token count: the mask stays, as a 4D one)
             inputs = {**inputs, "attention_mask": key_mask}
         return super().compute_loss(model, inputs, *args, **kwargs)
 

@@ -182,22 +182,30 @@ def test_tokenized_padding_matches_the_tokenizer(trained_like_dir):
     np.testing.assert_array_equal(tts, np.array(ref["token_type_ids"]))
 
 
-def test_prepared_mask_gives_the_same_vectors(trained_like_dir, tmp_path):
-    """The 4D mask handed to a BERT on SDPA (no per-batch padding check) changes no vector; other
-    attention implementations get no prepared mask."""
+def test_the_encoders_mask_needs_no_read_back_and_changes_no_vector(trained_like_dir, tmp_path):
+    """encode() hands a BERT on SDPA a 4D key mask (transformers' padding check is a sync), or no
+    mask when the host's token count says there is no padding: the vectors of transformers' own
+    2D-mask path (an eager-attention copy), and of the unpadded batch with the mask."""
     from simlm_core.modeling.biencoder import BiEncoder
 
     model = load_encoder(trained_like_dir, device="cpu")
+    eager = BiEncoder.from_pretrained(trained_like_dir, attn_implementation="eager").eval()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]), with_kwargs=True)
     tok = model.tokenizer(["a title", "t"], text_pair=["some passage text", "a much longer passage " * 4],
                           padding=True, return_tensors="pt")
-    prepared = model.prepared_attention_mask(tok["attention_mask"])
-    assert prepared is not None and prepared.shape == (2, 1, 1, tok["input_ids"].shape[1])
     with torch.no_grad():
-        plain = model.encode(tok["input_ids"], tok["attention_mask"], tok["token_type_ids"])
-        via_4d = model.encode(tok["input_ids"], tok["attention_mask"], tok["token_type_ids"], prepared_mask=prepared)
-    torch.testing.assert_close(via_4d, plain, atol=1e-6, rtol=1e-5)
-    eager = BiEncoder.from_pretrained(trained_like_dir, attn_implementation="eager")
-    assert eager.prepared_attention_mask(tok["attention_mask"]) is None
+        padded = model.encode(tok["input_ids"], tok["attention_mask"], tok["token_type_ids"],
+                              num_tokens=int(tok["attention_mask"].sum()))
+        reference = eager.encode(tok["input_ids"], tok["attention_mask"], tok["token_type_ids"])
+        full = {k: v[1:] for k, v in tok.items()}  # the longest text alone: no padding
+        no_mask = model.encode(full["input_ids"], full["attention_mask"], full["token_type_ids"],
+                               num_tokens=full["input_ids"].numel())
+        with_mask = model.encode(full["input_ids"], full["attention_mask"], full["token_type_ids"])
+    assert seen[0].shape == (2, 1, 1, tok["input_ids"].shape[1]) and seen[1] is None and seen[2].dim() == 4
+    torch.testing.assert_close(padded, reference, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(no_mask, with_mask, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(no_mask, padded[1:], atol=1e-6, rtol=1e-5)
 
 
 def test_bf16_weights_stay_close_to_fp32(trained_like_dir):

@@ -21,7 +21,7 @@ from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassifica
 from simlm_core.modeling.biencoder import BiEncoder
 from simlm_core.modeling.pretrain import GeneratorReplacer, SimLMForPretraining
 from simlm_core.modeling.reranker import pack_encoder_forward
-from simlm_core.modeling.sdpa_mask import key_padding_mask
+from simlm_core.modeling.sdpa_mask import encoder_attention_mask, key_padding_mask
 from simlm_core.reranker_training import group_loss
 from simlm_core.training import fuse_attention, fuse_norms
 
@@ -192,7 +192,7 @@ def test_the_token_count_recompiles_nothing_when_training_padded(stage):
         dynamo.reset()
 
 
-def test_key_padding_mask_only_for_bert_and_electra_on_sdpa():
+def test_key_padding_mask_only_for_bert_and_electra_on_sdpa_and_none_without_padding():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     sdpa = BertModel(BertConfig(**CONFIG)).config  # a model's config names its attention
     assert sdpa._attn_implementation == "sdpa"
@@ -205,6 +205,12 @@ def test_key_padding_mask_only_for_bert_and_electra_on_sdpa():
     for config in (eager, decoder, roberta):
         assert key_padding_mask(config, mask) is None
     assert key_padding_mask(sdpa, None) is None
+    # The encoder's mask: none if the host's count says there is no padding, else the key mask or the 2D one
+    assert encoder_attention_mask(sdpa, torch.ones(2, 3), num_tokens=6) is None
+    assert encoder_attention_mask(eager, torch.ones(2, 3), num_tokens=6) is None
+    assert torch.equal(encoder_attention_mask(sdpa, mask, num_tokens=5), key_padding_mask(sdpa, mask))
+    assert torch.equal(encoder_attention_mask(sdpa, mask), key_padding_mask(sdpa, mask))
+    assert encoder_attention_mask(eager, mask, num_tokens=5) is mask
 
 
 def _eager_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -46,7 +46,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from simlm_core.losses import contrastive_scores, group_scores, kd_loss
-from simlm_core.modeling.sdpa_mask import key_padding_mask
+from simlm_core.modeling.sdpa_mask import encoder_attention_mask
 
 POOLINGS = ("cls", "mean")
 PASSAGE_FORMATS = ("pair", "concat")
@@ -314,15 +314,16 @@ class BiEncoder(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         *,
-        prepared_mask: torch.Tensor | None = None,
+        num_tokens: int | None = None,
     ) -> torch.Tensor:
         """``[N, D]`` pooled (and, if configured, L2-normalised) representations.
 
-        ``prepared_mask``: a ready 4D attention mask (see :meth:`prepared_attention_mask`) that
-        the transformer takes in place of ``attention_mask``; pooling still reads the 2D one.
+        The transformer gets the mask it takes without reading the batch back
+        (:func:`~simlm_core.modeling.sdpa_mask.encoder_attention_mask`: none at all if the host's
+        ``num_tokens``, the mask's sum, says there is no padding); pooling reads the 2D one.
         """
         kwargs = {"input_ids": input_ids,
-                  "attention_mask": attention_mask if prepared_mask is None else prepared_mask}
+                  "attention_mask": encoder_attention_mask(self.encoder.config, attention_mask, num_tokens)}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         out = self.encoder(**kwargs, return_dict=True)
@@ -332,18 +333,10 @@ class BiEncoder(nn.Module):
         """Pooled vectors as this retriever scores them: L2-normalised (in fp32) if configured."""
         return F.normalize(emb.float(), dim=-1) if self.normalize else emb
 
-    def prepared_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
-        """The ``[N, 1, 1, L]`` boolean mask SDPA broadcasts, for a BERT / ELECTRA encoder on SDPA;
-        else None (:func:`~simlm_core.modeling.sdpa_mask.key_padding_mask`: it spares
-        transformers' per-batch padding check, a host-device sync)."""
-        return key_padding_mask(self.encoder.config, attention_mask)
-
     def _encode_batch(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.packed_training and self.training:
-            return self.encode_packed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                                      num_tokens=batch.get("num_tokens"))
-        return self.encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                           prepared_mask=self.prepared_attention_mask(batch["attention_mask"]))
+        encode = self.encode_packed if self.packed_training and self.training else self.encode
+        return encode(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                      num_tokens=batch.get("num_tokens"))
 
     def encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       token_type_ids: torch.Tensor | None = None, num_tokens: int | None = None) -> torch.Tensor:

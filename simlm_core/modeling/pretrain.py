@@ -69,7 +69,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import ModelOutput
 
-from simlm_core.modeling.sdpa_mask import key_padding_mask
+from simlm_core.modeling.sdpa_mask import encoder_attention_mask
 
 IGNORE_INDEX = -100
 ENCODER_WEIGHTS = "model.safetensors"
@@ -91,6 +91,7 @@ class TokenReplacer(Protocol):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None,
         mask: torch.Tensor,
+        num_tokens: int | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -131,12 +132,12 @@ class GeneratorReplacer:
             self.generator.to(device)
 
     @torch.no_grad()
-    def __call__(self, input_ids, attention_mask, token_type_ids, mask):
+    def __call__(self, input_ids, attention_mask, token_type_ids, mask, num_tokens=None):
         self._to(input_ids.device)
         self.generator.eval()
-        key_mask = key_padding_mask(self.generator.config, attention_mask)  # no padding check (sync)
-        kwargs: dict[str, Any] = {"input_ids": input_ids,
-                                  "attention_mask": attention_mask if key_mask is None else key_mask}
+        kwargs: dict[str, Any] = {"input_ids": input_ids,  # a mask transformers need not read back
+                                  "attention_mask": encoder_attention_mask(self.generator.config, attention_mask,
+                                                                           num_tokens)}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         logits = self.generator(**kwargs).logits
@@ -158,7 +159,7 @@ class DistributionReplacer:
         return int(self.probs.numel())
 
     @torch.no_grad()
-    def __call__(self, input_ids, attention_mask, token_type_ids, mask):
+    def __call__(self, input_ids, attention_mask, token_type_ids, mask, num_tokens=None):
         if self.probs.device != input_ids.device:
             self.probs = self.probs.to(input_ids.device)
         # One draw per position, kept where masked: static shapes, no host sync (see GeneratorReplacer).
@@ -398,10 +399,10 @@ class SimLMForPretraining(nn.Module):
     gradient_checkpointing_enable = activation_checkpointing_enable
 
     # -- forward -------------------------------------------------------------------------------
-    def _replace(self, input_ids, attention_mask, token_type_ids, mask):
+    def _replace(self, input_ids, attention_mask, token_type_ids, mask, num_tokens=None):
         if self.replacer is None or mask is None:
             return input_ids
-        return self.replacer(input_ids, attention_mask, token_type_ids, mask)
+        return self.replacer(input_ids, attention_mask, token_type_ids, mask, num_tokens)
 
     def _mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean CE of the (shared) encoder MLM head over labelled positions only.
@@ -443,27 +444,26 @@ class SimLMForPretraining(nn.Module):
     ) -> SimLMPretrainOutput:
         """``num_tokens``: the attention mask's sum, if the host knows it (:class:`RLMCollator`
         gives it); ``packed_training`` then packs the batch without waiting for the device."""
-        enc_ids = self._replace(encoder_input_ids, attention_mask, token_type_ids, encoder_mlm_mask)
+        enc_ids = self._replace(encoder_input_ids, attention_mask, token_type_ids, encoder_mlm_mask, num_tokens)
         if self.packed_training and self.training:
             loss, enc_loss, dec_loss = self._packed_losses(enc_ids, decoder_input_ids, attention_mask, labels,
                                                            token_type_ids, encoder_mlm_mask, decoder_mlm_mask,
                                                            num_tokens)
             return self._output(loss, enc_loss, dec_loss, enc_ids, labels, attention_mask)
-        # A ready 4D mask where transformers would check the 2D one for padding (a sync per call)
-        key_mask = key_padding_mask(self.encoder.config, attention_mask)
+        # No mask, or a ready 4D one, where transformers would read the 2D one back (a sync per call)
+        model_mask = encoder_attention_mask(self.encoder.config, attention_mask, num_tokens)
         hidden = self.encoder.bert(
-            input_ids=enc_ids, attention_mask=attention_mask if key_mask is None else key_mask,
-            token_type_ids=token_type_ids,
+            input_ids=enc_ids, attention_mask=model_mask, token_type_ids=token_type_ids
         ).last_hidden_state
         enc_loss = self._mlm_loss(hidden, self._labels(labels, encoder_mlm_mask))
         loss = self.encoder_loss_weight * enc_loss
 
         dec_loss = None
         if self.use_decoder:
-            dec_ids = self._replace(decoder_input_ids, attention_mask, token_type_ids, decoder_mlm_mask)
+            dec_ids = self._replace(decoder_input_ids, attention_mask, token_type_ids, decoder_mlm_mask, num_tokens)
             x = self.decoder_inputs(hidden[:, 0], dec_ids)
-            ext_mask = key_mask if key_mask is not None else create_bidirectional_mask(
-                config=self.encoder.config, inputs_embeds=x, attention_mask=attention_mask
+            ext_mask = model_mask if model_mask is None or model_mask.dim() == 4 else create_bidirectional_mask(
+                config=self.encoder.config, inputs_embeds=x, attention_mask=model_mask
             )
             for layer in self.decoder:
                 x = layer(x, ext_mask)
@@ -487,7 +487,7 @@ class SimLMForPretraining(nn.Module):
         loss = self.encoder_loss_weight * enc_loss
         dec_loss = None
         if self.use_decoder:
-            dec_ids = self._replace(decoder_input_ids, attention_mask, token_type_ids, decoder_mlm_mask)
+            dec_ids = self._replace(decoder_input_ids, attention_mask, token_type_ids, decoder_mlm_mask, num_tokens)
             # BERT's embedding block on the real tokens only (token type 0, as decoder_inputs)
             embeds = self._packed_encoder.embed(batch.gather(dec_ids), batch.positions)
             first = batch.cu_seqlens[:-1].long()  # each text's [CLS] row takes the encoder's vector

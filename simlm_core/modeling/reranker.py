@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from simlm_core.io import passage_text
 from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder, packed_support
-from simlm_core.modeling.sdpa_mask import key_padding_mask
+from simlm_core.modeling.sdpa_mask import encoder_attention_mask
 from simlm_core.tokenized import BackendTokenizer, Tokenized
 
 DEFAULT_MAX_LEN = 192
@@ -277,6 +277,11 @@ class CrossEncoder:
                     if submitted < len(starts):
                         pending.append(pool.submit(tokenize, starts[submitted]))
                         submitted += 1
+                    if encoder is None:  # padded: the host sees its padding, so transformers need not
+                        host_mask = batch[0].pop("attention_mask")
+                        model_mask = encoder_attention_mask(self.model.config, host_mask, int(host_mask.sum()))
+                        if model_mask is not None:
+                            batch[0]["attention_mask"] = model_mask
                     tensors = {key: v.to(dev, non_blocking=True) for key, v in batch[0].items()}
                     with autocast_context(dev, bf16):
                         if encoder is not None:
@@ -284,10 +289,7 @@ class CrossEncoder:
                             logits = packed_logits(self.model, encoder, PackedBatch.from_flat(
                                 tensors["ids"], tensors.get("type_ids"), tensors["starts"], tensors["lengths"],
                                 total, longest))
-                        else:  # SDPA's 4D mask where it applies: no per-batch padding check (a sync)
-                            key_mask = key_padding_mask(self.model.config, tensors["attention_mask"])
-                            if key_mask is not None:
-                                tensors["attention_mask"] = key_mask
+                        else:
                             logits = self.model(**tensors).logits
                     outputs.append(logits.view(-1).float())  # stays on the device: no sync per batch
         finally:
