@@ -58,7 +58,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer
 
 from simlm_core.io import corpus_arrow_cache, iter_corpus_batches, passage_text
-from simlm_core.modeling.sdpa_mask import key_padding_mask
+from simlm_core.modeling.sdpa_mask import encoder_attention_mask
 from simlm_core.training import (
     TrainConfig,
     check_packed_training,
@@ -500,10 +500,12 @@ class MLMCollator:
 
         self._mlm = DataCollatorForLanguageModeling(self.tokenizer, mlm=True, mlm_probability=self.mlm_probability)
 
-    def __call__(self, examples: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict[str, str]]) -> dict[str, Any]:
         batch = tokenize_passages(self.tokenizer, examples, self.max_len, self.title_as_pair)
         features = [{k: v[i] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
-        return dict(self._mlm(features))
+        out = dict(self._mlm(features))
+        out["num_tokens"] = int(out["attention_mask"].sum())  # for GeneratorTrainer's mask (no sync)
+        return out
 
 
 def generator_config(args: GeneratorArgs, tokenizer: PreTrainedTokenizerBase):
@@ -535,14 +537,16 @@ def generator_config(args: GeneratorArgs, tokenizer: PreTrainedTokenizerBase):
 
 
 class GeneratorTrainer(Trainer):
-    """HF Trainer for the generator's plain MLM, handing the model SDPA's ready key mask
-    (:func:`~simlm_core.modeling.sdpa_mask.key_padding_mask`): transformers then skips its
-    per-step padding check of the 2D mask, a host-device sync."""
+    """HF Trainer for the generator's plain MLM, handing the model a mask transformers need not
+    read back (:func:`~simlm_core.modeling.sdpa_mask.encoder_attention_mask`, from the collator's
+    ``num_tokens``): no per-step padding check of the 2D mask, a host-device sync."""
 
     def compute_loss(self, model, inputs, *args: Any, **kwargs: Any):
-        key_mask = key_padding_mask(self.accelerator.unwrap_model(model).config, inputs.get("attention_mask"))
-        if key_mask is not None:  # (the collator gives no token count: the mask stays, as a 4D one)
-            inputs = {**inputs, "attention_mask": key_mask}
+        inputs = dict(inputs)
+        model_mask = encoder_attention_mask(self.accelerator.unwrap_model(model).config,
+                                            inputs.pop("attention_mask", None), inputs.pop("num_tokens", None))
+        if model_mask is not None:  # None: no padding, so no mask at all
+            inputs["attention_mask"] = model_mask
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 

@@ -455,7 +455,7 @@ def test_train_generator_saves_an_mlm_the_pretrainer_loads(tiny_encoder_dir, cor
     assert isinstance(rep, GeneratorReplacer)
 
 
-def test_generator_trainer_hands_the_model_the_4d_mask_and_the_same_loss(tiny_generator_dir, tokenizer, passages,
+def test_generator_trainer_hands_the_model_a_mask_it_need_not_check_and_the_same_loss(tiny_generator_dir, tokenizer, passages,
                                                                          tmp_path):
     """GeneratorTrainer's step gives transformers SDPA's key mask (no padding check, a sync) and the
     loss of the 2D mask."""
@@ -468,13 +468,22 @@ def test_generator_trainer_hands_the_model_the_4d_mask_and_the_same_loss(tiny_ge
     batch = MLMCollator(tokenizer, max_len=48)(passages.__getitems__(list(range(6))))
     assert not batch["attention_mask"].bool().all()  # the batch holds padding
     seen = []
-    model.bert.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"].dim()), with_kwargs=True)
+    model.bert.register_forward_pre_hook(lambda m, a, kw: seen.append(
+        None if kw["attention_mask"] is None else kw["attention_mask"].dim()), with_kwargs=True)
     args = to_training_arguments(GeneratorArgs(corpus_path="x", tokenizer_path="x", output_dir=str(tmp_path / "o"),
                                                work_dir=str(tmp_path / "w")))
-    losses = [trainer.compute_loss(model, dict(batch)) for trainer in
-              (GeneratorTrainer(model=model, args=args), Trainer(model=model, args=args))]
+    plain = {k: v for k, v in batch.items() if k != "num_tokens"}
+    losses = [GeneratorTrainer(model=model, args=args).compute_loss(model, dict(batch)),
+              Trainer(model=model, args=args).compute_loss(model, dict(plain))]
     assert seen == [4, 2]
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    # A batch without padding: no mask at all (flash attention possible), the same loss
+    full = {k: v[:1] for k, v in plain.items()}
+    full = {**full, "attention_mask": torch.ones_like(full["attention_mask"])}
+    count = {"num_tokens": full["input_ids"].numel()}
+    loss_none = GeneratorTrainer(model=model, args=args).compute_loss(model, {**full, **count})
+    assert seen[-1] is None
+    torch.testing.assert_close(loss_none, Trainer(model=model, args=args).compute_loss(model, dict(full)))
 
 
 @pytest.mark.slow
