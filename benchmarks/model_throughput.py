@@ -893,16 +893,21 @@ def padded_vs_packed(args, device, peak, part: str, label: str, unit: str, items
                      tokens: float, flops: float, padding_fraction: float, lr: float,
                      build: Callable[[bool], torch.nn.Module],
                      loss: Callable[[torch.nn.Module, int], torch.Tensor],
-                     lengths_note: str = ", real lengths") -> list[dict]:
+                     lengths_note: str = ", real lengths",
+                     grouped_loss: Callable[[torch.nn.Module, int], torch.Tensor] | None = None) -> list[dict]:
     """Time one training step (``loss(model, i)`` on batch ``i``, backward, AdamW) for the model
     ``build(packed)`` makes, padded and with ``packed_training`` (``--packed-compile 1``: also
-    through ``torch.compile``). The batches take turns, so each row reports the mean step time
-    (the best is kept too)."""
+    through ``torch.compile``); with ``grouped_loss`` (the same passages in length-grouped
+    batches, as ``group_by_length`` draws them) also padded on those. The batches take turns, so
+    each row reports the mean step time (the best is kept too)."""
     rows, secs = [], {}
-    for packed in (False, True):
-        model = build(packed).to(device)
+    runs = [(False, loss, "padded (default)"), (True, loss, "packed_training")]
+    if grouped_loss is not None:
+        runs.insert(1, ("grouped", grouped_loss, "padded, group_by_length"))
+    for packed, loss, name in runs:
+        model = build(packed is True).to(device)
         model.train()
-        suffix = maybe_fuse(args, model) + (set_train_attention(args, model) if packed else "")
+        suffix = maybe_fuse(args, model) + (set_train_attention(args, model) if packed is True else "")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 **({"fused": True} if device.type == "cuda" else {}))
 
@@ -919,15 +924,14 @@ def padded_vs_packed(args, device, peak, part: str, label: str, unit: str, items
             sec, iter_times = timed_loop(device, args.iters, lambda i: step(m, i))
             mean = float(np.mean(iter_times))
             secs[(packed, tag_c)] = mean
-            what = f"{label}{lengths_note}, {'packed_training' if packed else 'padded (default)'}{suffix}{tag_c}"
+            what = f"{label}{lengths_note}, {name}{suffix}{tag_c}"
             rows.append(rate_row(part, what, shape, items, unit, tokens, flops, mean, peak,
                                  {"step_seconds_mean": mean, "step_seconds_best": sec,
                                   "iteration_seconds": iter_times, "padding_fraction": padding_fraction,
                                   **({"compile_seconds": compile_s} if tag_c else {})}))
             if packed:
                 rows[-1]["speedup_vs_padded"] = secs[(False, tag_c)] / mean
-                print(f"   packed_training{tag_c}: {secs[(False, tag_c)] / mean:.2f}x the padded step's rate",
-                      flush=True)
+                print(f"   {name}{tag_c}: {secs[(False, tag_c)] / mean:.2f}x the padded step's rate", flush=True)
         del model, opt, variants
     return rows
 
@@ -1076,8 +1080,18 @@ def bench_pretrain_packed(args, device, size, work: Path, peak) -> list[dict]:
     def loss(m: torch.nn.Module, i: int) -> torch.Tensor:
         return m(**batches[i % n_batches]).loss
 
+    # group_by_length: the same passages, sorted by length (characters) into batches
+    by_length = sorted(examples, key=lambda e: len(e["text"]), reverse=True)
+    grouped_cpu = [collator(by_length[i * B : (i + 1) * B]) for i in range(n_batches)]
+    grouped = [on_device(b, device) for b in grouped_cpu]
+    grouped_padding = 1 - tokens * n_batches / sum(b["attention_mask"].numel() for b in grouped_cpu)
+    print(f"   length-grouped batches: {100 * grouped_padding:.0f}% of padded tokens are padding", flush=True)
+
+    def grouped_loss(m: torch.nn.Module, i: int) -> torch.Tensor:
+        return m(**grouped[i % n_batches]).loss
+
     return padded_vs_packed(args, device, peak, "pretrain-packed", "SimLM RLM step", "psg", B, shape, tokens, flops,
-                            1 - tokens * n_batches / padded_tokens, 3e-4, build, loss)
+                            1 - tokens * n_batches / padded_tokens, 3e-4, build, loss, grouped_loss=grouped_loss)
 
 
 # =============================================================================================

@@ -421,12 +421,13 @@ def test_encoder_only_ablation(tiny_encoder_dir, tokenizer, passages, tmp_path):
     assert not (tmp_path / "enc_only" / "decoder").exists()
 
 
-@pytest.mark.parametrize("generator,packed", [("unigram", False), ("none", False), ("unigram", True)])
-def test_pretrain_entry_point(tiny_encoder_dir, corpus, tmp_path, generator, packed):
+@pytest.mark.parametrize("generator,packed,grouped", [("unigram", False, False), ("none", False, True),
+                                                     ("unigram", True, False)])
+def test_pretrain_entry_point(tiny_encoder_dir, corpus, tmp_path, generator, packed, grouped):
     from transformers import AutoModel
 
     args = PretrainArgs(corpus_path=str(corpus), model_name_or_path=str(tiny_encoder_dir), generator=generator,
-                        packed_training=packed,
+                        packed_training=packed, group_by_length=grouped,
                         output_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), max_steps=2,
                         per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0,
                         save_steps=100, logging_steps=1, max_len=48, disable_tqdm=True, unigram_max_passages=50)
@@ -436,6 +437,30 @@ def test_pretrain_entry_point(tiny_encoder_dir, corpus, tmp_path, generator, pac
     assert log["global_step"] == 2 and log["resumed_from"] is None
     assert json.loads((tmp_path / "out" / "pretrain_args.json").read_text())["generator"] == generator
     AutoModel.from_pretrained(str(tmp_path / "out"))
+
+
+def test_group_by_length_batches_similar_passages_and_keeps_every_one(tiny_encoder_dir, tokenizer, tmp_path):
+    """group_by_length: each epoch still visits every passage once, and the padded batches carry
+    far less padding than random ones. (Passages of one repeated word, so that characters count
+    tokens exactly, as they nearly do in real text.)"""
+    rng = random.Random(0)
+    rows = [{"pid": f"p{i}", "title": "money", "text": " ".join(["money"] * rng.randint(4, 60))} for i in range(256)]
+    corpus = tmp_path / "corpus.parquet"
+    write_table(pd.DataFrame(rows), corpus, CORPUS_SCHEMA)
+    passages = PassageDataset(corpus_arrow_cache(corpus, tmp_path / "cache"))
+    assert passages.text_lengths()[:2] == [len(r["title"]) + len(r["text"]) for r in rows[:2]]
+    padding = {}
+    for grouped in (False, True):
+        args = to_training_arguments(PretrainArgs(corpus_path="x", output_dir=str(tmp_path / "o"),
+                                                  work_dir=str(tmp_path / "w"), per_device_train_batch_size=8,
+                                                  gradient_accumulation_steps=1, max_len=72))
+        torch.manual_seed(0)
+        trainer = RLMTrainer(model=_model(tiny_encoder_dir), args=args, train_dataset=passages,
+                             data_collator=RLMCollator(tokenizer, max_len=72), group_by_length=grouped)
+        assert sorted(trainer._get_train_sampler()) == list(range(len(passages)))
+        masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
+        padding[grouped] = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert padding[True] < 0.25 * padding[False], padding
 
 
 def test_train_generator_saves_an_mlm_the_pretrainer_loads(tiny_encoder_dir, corpus, tmp_path):

@@ -183,6 +183,13 @@ def test_packed_training_switch_reaches_the_driver(tmp_path):
     assert jobs and all('"packed_training": true' in j for j in jobs)
 
 
+def test_group_by_length_switch_reaches_the_pretraining_driver(tmp_path):
+    proc = snakemake(tmp_path, "-n", "-p", "--config", "pretrain={train: {group_by_length: true}}")
+    text = (proc.stdout + proc.stderr).replace('\\"', '"')
+    jobs = [j[:6000] for j in text.split("rule pretrain:")[1:]]
+    assert len(jobs) == 1 and '"group_by_length": true' in jobs[0]
+
+
 def test_packed_scoring_switch_reaches_the_drivers(tmp_path):
     for value, want in (("auto", '"packed": null'), ("false", '"packed": false')):
         proc = snakemake(tmp_path, "-n", "-p", "--config", f"reranker={{packed: {value}}}")
