@@ -403,6 +403,8 @@ class RLMTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
+        if not isinstance(dataset, PassageDataset):
+            raise ValueError(f"group_by_length reads passage lengths from a PassageDataset, not {type(dataset).__name__}")
         # Groups of one optimizer step's passages (as transformers' own group_by_length)
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                     lengths=dataset.text_lengths())
