@@ -59,7 +59,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer
 
 from simlm_core.io import corpus_arrow_cache, iter_corpus_batches, passage_text
-from simlm_core.modeling.sdpa_mask import encoder_attention_mask
+from simlm_core.modeling.sdpa_mask import with_encoder_mask
 from simlm_core.training import (
     TrainConfig,
     check_packed_training,
@@ -566,15 +566,13 @@ def generator_config(args: GeneratorArgs, tokenizer: PreTrainedTokenizerBase):
 
 class GeneratorTrainer(Trainer):
     """HF Trainer for the generator's plain MLM, handing the model a mask transformers need not
-    read back (:func:`~simlm_core.modeling.sdpa_mask.encoder_attention_mask`, from the collator's
+    read back (:func:`~simlm_core.modeling.sdpa_mask.with_encoder_mask`, from the collator's
     ``num_tokens``): no per-step padding check of the 2D mask, a host-device sync."""
 
     def compute_loss(self, model, inputs, *args: Any, **kwargs: Any):
         inputs = dict(inputs)
-        model_mask = encoder_attention_mask(self.accelerator.unwrap_model(model).config,
-                                            inputs.pop("attention_mask", None), inputs.pop("num_tokens", None))
-        if model_mask is not None:  # None: no padding, so no mask at all
-            inputs["attention_mask"] = model_mask
+        num_tokens = inputs.pop("num_tokens", None)
+        inputs = with_encoder_mask(self.accelerator.unwrap_model(model).config, inputs, num_tokens)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 

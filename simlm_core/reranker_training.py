@@ -48,7 +48,7 @@ from simlm_core.modeling.reranker import (
     pack_encoder_forward,
     tokenize_pairs,
 )
-from simlm_core.modeling.sdpa_mask import encoder_attention_mask
+from simlm_core.modeling.sdpa_mask import with_encoder_mask
 from simlm_core.training import TrainConfig, check_packed_training, to_training_arguments, train_and_save
 
 try:  # the shared loss module (another engineer's); same contract: scores [B, G], positive at 0
@@ -283,12 +283,11 @@ def group_loss(model: torch.nn.Module, inputs: dict[str, Any], rdrop_alpha: floa
     labels = inputs["labels"]
     enc = {k: v for k, v in inputs.items() if k not in ("labels", "num_tokens")}
     unwrapped = selector if selector is not None else model
-    num_tokens = inputs.get("num_tokens") if is_packed(unwrapped) else None
-    if not is_packed(unwrapped):  # a mask transformers need not read back (a sync per forward)
-        model_mask = encoder_attention_mask(getattr(unwrapped, "config", None), enc.pop("attention_mask"),
-                                            inputs.get("num_tokens"))
-        if model_mask is not None:  # None: no padding, so no mask at all
-            enc["attention_mask"] = model_mask
+    if is_packed(unwrapped):
+        num_tokens = inputs.get("num_tokens")
+    else:  # a mask transformers need not read back (a sync per forward)
+        num_tokens = None
+        enc = with_encoder_mask(getattr(unwrapped, "config", None), enc, inputs.get("num_tokens"))
     batch = labels.shape[0]
     n_rows = enc["input_ids"].shape[0]
     if n_rows % batch:

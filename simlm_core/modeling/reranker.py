@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from simlm_core.io import passage_text
 from simlm_core.modeling.packed import PackedBatch, PackedBertEncoder, packed_support
-from simlm_core.modeling.sdpa_mask import encoder_attention_mask
+from simlm_core.modeling.sdpa_mask import with_encoder_mask
 from simlm_core.tokenized import BackendTokenizer, Tokenized
 
 DEFAULT_MAX_LEN = 192
@@ -252,6 +252,9 @@ class CrossEncoder:
         encoder = PackedBertEncoder(self.model.base_model, pooling="cls") if (
             packed or (packed is None and reason is None)) else None
 
+        def model_inputs(host: dict) -> dict:  # the host sees its padding, so transformers need not
+            return with_encoder_mask(self.model.config, host, int(host["attention_mask"].sum()))
+
         def tokenize(start: int):
             idx = order[start:start + batch_size]
             if fast:  # each thread its own backend copy, set up once
@@ -260,11 +263,11 @@ class CrossEncoder:
                 pairs = [(queries[i], passages[i]) for i in idx]
                 if encoder is not None:
                     return _flat_pairs(local.backend(pairs), with_types)
-                return padded_pairs(local.backend(pairs), pad_id, with_types, pad_multiple), None
+                return model_inputs(padded_pairs(local.backend(pairs), pad_id, with_types, pad_multiple)), None
             if not hasattr(local, "tokenizer"):
                 local.tokenizer = copy.deepcopy(self.tokenizer) if workers > 1 else self.tokenizer
-            return tokenize_pairs(local.tokenizer, [queries[i] for i in idx], [passages[i] for i in idx],
-                                  max_len=max_len, pad_to_multiple_of=pad_multiple), None
+            return model_inputs(tokenize_pairs(local.tokenizer, [queries[i] for i in idx], [passages[i] for i in idx],
+                                               max_len=max_len, pad_to_multiple_of=pad_multiple)), None
 
         outputs = []
         try:
@@ -277,11 +280,6 @@ class CrossEncoder:
                     if submitted < len(starts):
                         pending.append(pool.submit(tokenize, starts[submitted]))
                         submitted += 1
-                    if encoder is None:  # padded: the host sees its padding, so transformers need not
-                        host_mask = batch[0].pop("attention_mask")
-                        model_mask = encoder_attention_mask(self.model.config, host_mask, int(host_mask.sum()))
-                        if model_mask is not None:
-                            batch[0]["attention_mask"] = model_mask
                     tensors = {key: v.to(dev, non_blocking=True) for key, v in batch[0].items()}
                     with autocast_context(dev, bf16):
                         if encoder is not None:

@@ -15,11 +15,12 @@ as it is, and no mask as "no padding". :func:`encoder_attention_mask` gives one 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["encoder_attention_mask", "key_padding_mask"]
+__all__ = ["encoder_attention_mask", "key_padding_mask", "with_encoder_mask"]
 
 _ENCODERS = ("bert", "electra")
 
@@ -49,3 +50,13 @@ def encoder_attention_mask(config: Any, attention_mask: torch.Tensor | None,
         return None
     key_mask = key_padding_mask(config, attention_mask)
     return attention_mask if key_mask is None else key_mask
+
+
+def with_encoder_mask(config: Any, inputs: Mapping[str, Any], num_tokens: int | None = None) -> dict[str, Any]:
+    """A model's keyword arguments with ``attention_mask`` replaced by :func:`encoder_attention_mask`'s
+    (left out when that is None: no padding, no mask)."""
+    out = dict(inputs)
+    mask = encoder_attention_mask(config, out.pop("attention_mask", None), num_tokens)
+    if mask is not None:
+        out["attention_mask"] = mask
+    return out
