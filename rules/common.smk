@@ -179,6 +179,17 @@ def train_args(stage, section, **paths):
     return args
 
 
+def stage_gpus(section):
+    """GPUs a training stage asks for: `resources.stage_gpus[section]`, else `resources.train_gpus`
+    (the authors ran pre-training and the re-ranker on 8 GPUs, the retrievers on 4)."""
+    r = config["resources"]
+    return (r.get("stage_gpus") or {}).get(section, r["train_gpus"])
+
+
+def dense_system_gpus(wildcards):
+    return stage_gpus(dense_system_spec(wildcards.system)[3])
+
+
 def launcher(wildcards, resources):
     """python, or torchrun with one process per GPU the job was granted (data-parallel).
 

@@ -90,7 +90,7 @@ rule pretrain:
     resources:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["train_runtime_min"],
-        gpu=config["resources"]["train_gpus"],
+        gpu=stage_gpus("pretrain"),
     log:
         log_path("pretrain"),
     benchmark:

@@ -30,7 +30,7 @@ rule train_reranker:
     resources:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["train_runtime_min"],
-        gpu=config["resources"]["train_gpus"],
+        gpu=stage_gpus("reranker"),
     log:
         log_path("train_reranker"),
     benchmark:

@@ -49,7 +49,7 @@ rule train_dense:
     resources:
         mem_mb=config["resources"]["mem_mb"],
         runtime=config["resources"]["train_runtime_min"],
-        gpu=config["resources"]["train_gpus"],
+        gpu=dense_system_gpus,
     log:
         log_path("train_{system}"),
     benchmark:

@@ -33,7 +33,8 @@ from simlm_core.training import (
     train_config_fields,
 )
 
-__all__ = ["BiencoderTrainArgs", "BiencoderTrainer", "SetEpochCallback", "train_biencoder", "build_trainer"]
+__all__ = ["BiencoderTrainArgs", "BiencoderTrainer", "SetEpochCallback", "TemperatureWarmupCallback", "train_biencoder",
+           "build_trainer"]
 
 STEP_DELAY_ENV = "SIMLM_TRAIN_STEP_DELAY_S"
 """Test hook: seconds to sleep after each optimizer step (lets a test kill a run mid-way)."""
@@ -65,6 +66,13 @@ class BiencoderTrainArgs(TrainConfig):
     """Add the authors' extra q-q, positive-q and positive-positive negatives (their default)."""
     gather_across_ranks: bool = True
     """Under DDP, use every rank's passages as in-batch negatives (global batch)."""
+    loss_scale: float | None = None
+    """Factor on the contrastive term's gradient (the authors' ``loss_scale``). None: the number of
+    ranks, which gives the single-process gradient of the global batch's loss (their default);
+    their NQ scripts set 1."""
+    temperature_warmup: bool = False
+    """The authors' ``t_warmup`` (their NQ scripts): the loss's ``1/t`` grows linearly from 1 to
+    ``1/temperature`` over the learning-rate warm-up steps."""
     packed_training: bool = False
     """Run the encoder padding-free (each batch's tokens in one row; BERT and ELECTRA encoders): the same
     model and loss, without the padding's compute (simlm_core.modeling.packed). Not with CUDA graphs."""
@@ -91,6 +99,17 @@ class SetEpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.dataset.set_epoch(int((state.epoch or 0.0) + 1e-6))
+
+
+class TemperatureWarmupCallback(TrainerCallback):
+    """Before each optimizer step, set the retriever's training temperature for that step
+    (``BiEncoder.set_training_step``; a no-op unless ``temperature_warmup``)."""
+
+    def __init__(self, model: BiEncoder) -> None:
+        self.model = model
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.model.set_training_step(state.global_step, args.get_warmup_steps(state.max_steps))
 
 
 class _StepDelayCallback(TrainerCallback):
@@ -147,6 +166,8 @@ def build_trainer(args: BiencoderTrainArgs) -> tuple[BiencoderTrainer, BiEncoder
         teacher_temperature=args.teacher_temperature,
         gather_across_ranks=args.gather_across_ranks,
         packed_training=args.packed_training,
+        loss_scale=args.loss_scale,
+        temperature_warmup=args.temperature_warmup,
     )
     if model.tokenizer is None:
         raise ValueError(f"{args.model_name_or_path}: no tokenizer found beside the model")
@@ -166,6 +187,8 @@ def build_trainer(args: BiencoderTrainArgs) -> tuple[BiencoderTrainer, BiEncoder
         pad_to_multiple_of=8 if torch.cuda.is_available() else None,
     )
     callbacks: list[TrainerCallback] = [SetEpochCallback(dataset)]
+    if args.temperature_warmup:
+        callbacks.append(TemperatureWarmupCallback(model))
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     if delay > 0:
         callbacks.append(_StepDelayCallback(delay))

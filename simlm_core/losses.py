@@ -43,7 +43,7 @@ __all__ = [
 def contrastive_scores(
     q: torch.Tensor,
     p: torch.Tensor,
-    temperature: float,
+    temperature: float | torch.Tensor,
     full_contrastive: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of the in-batch contrastive loss.

@@ -14,6 +14,7 @@ from simlm_core.modeling.biencoder import (
     biencoder_loss,
     gather_with_local_grad,
     pool,
+    warmed_up_temperature,
 )
 
 
@@ -106,6 +107,100 @@ def test_gather_with_local_grad_routes_gradient_to_local_slice():
     assert local.grad.tolist() == [[2.0] * 3, [3.0] * 3]
     with pytest.raises(ValueError):
         gather_with_local_grad(local, [torch.zeros(3, 3), local.detach()], rank=1)
+
+
+def _embeddings_and_grads(loss_fn, xq, xp, enc):
+    enc.zero_grad()
+    loss = loss_fn(torch.nn.functional.normalize(enc(xq), dim=-1), torch.nn.functional.normalize(enc(xp), dim=-1))
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in enc.parameters()]
+
+
+def test_loss_scale_multiplies_only_the_contrastive_gradient():
+    """The authors' ``loss_scale``: CE's gradient x scale, the KD term's as it is, the logged loss unscaled."""
+    torch.manual_seed(0)
+    b, g, d_in, d = 3, 4, 6, 5
+    enc = torch.nn.Linear(d_in, d)
+    xq, xp, teacher = torch.randn(b, d_in), torch.randn(b * g, d_in), torch.randn(b, g)
+    kw = dict(temperature=0.1, teacher_scores=teacher, contrastive_weight=0.2)
+    value, scaled = _embeddings_and_grads(lambda q, p: biencoder_loss(q, p, loss_scale=3.0, **kw).loss, xq, xp, enc)
+    plain_value, _ = _embeddings_and_grads(lambda q, p: biencoder_loss(q, p, **kw).loss, xq, xp, enc)
+    # KD + 0.2 x (3 x CE)'s gradient is that of distill_loss with weight 0.6
+    _, by_hand = _embeddings_and_grads(lambda q, p: distill_loss(q, p, teacher, g, 0.1, contrastive_weight=0.6),
+                                       xq, xp, enc)
+    assert value == pytest.approx(plain_value)
+    for got, want in zip(scaled, by_hand):
+        assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="loss_scale must be > 0"):
+        BiEncoder(torch.nn.Linear(2, 2), loss_scale=0)
+
+
+def test_simulated_ddp_loss_scale_one_averages_the_ranks():
+    """loss_scale 1 under W ranks (the authors' NQ setting): DDP's average is the global contrastive
+    gradient divided by W, where the default (W) gives the global gradient itself."""
+    torch.manual_seed(1)
+    world, b, g, d_in, d = 2, 2, 3, 5, 4
+    enc = torch.nn.Linear(d_in, d)
+    xq, xp = torch.randn(world * b, d_in), torch.randn(world * b * g, d_in)
+
+    def encode(x):
+        return torch.nn.functional.normalize(enc(x), dim=-1)
+
+    _, single = _embeddings_and_grads(lambda q, p: biencoder_loss(q, p, temperature=0.1).loss, xq, xp, enc)
+    with torch.no_grad():
+        all_q = [encode(xq[r * b : (r + 1) * b]) for r in range(world)]
+        all_p = [encode(xp[r * b * g : (r + 1) * b * g]) for r in range(world)]
+    summed = [torch.zeros_like(p) for p in enc.parameters()]
+    for r in range(world):
+        enc.zero_grad()
+        out = biencoder_loss(encode(xq[r * b : (r + 1) * b]), encode(xp[r * b * g : (r + 1) * b * g]), temperature=0.1,
+                             world_q=all_q, world_p=all_p, rank=r, loss_scale=1.0)
+        out.loss.backward()
+        for acc, p in zip(summed, enc.parameters()):
+            acc += p.grad
+    for s, acc in zip(single, summed):
+        assert torch.allclose(acc / world, s / world, atol=1e-6)  # DDP's average: a W-th of the global gradient
+        assert not torch.allclose(acc / world, s, atol=1e-4)  # (the default, loss_scale W, gives s itself)
+
+
+def test_warmed_up_temperature_follows_the_authors_schedule():
+    """1/t_step = max(1, min(1, step / warmup) / t): 1 at first, 1/t from the end of the warm-up."""
+    assert warmed_up_temperature(0.02, 0, 1000) == 1.0
+    assert warmed_up_temperature(0.02, 10, 1000) == 1.0  # 0.01 / 0.02 = 0.5 < 1
+    assert warmed_up_temperature(0.02, 500, 1000) == pytest.approx(1 / 25)
+    assert warmed_up_temperature(0.02, 1000, 1000) == pytest.approx(0.02)
+    assert warmed_up_temperature(0.02, 5000, 1000) == pytest.approx(0.02)
+    assert warmed_up_temperature(0.02, 3, 0) == 0.02  # no warm-up: the temperature itself
+
+
+def test_temperature_warmup_sets_the_training_loss_temperature(tiny_bert_dir):
+    from types import SimpleNamespace
+
+    from simlm_core.biencoder_training import TemperatureWarmupCallback
+
+    model = BiEncoder.from_pretrained(tiny_bert_dir, temperature=0.05, temperature_warmup=True)
+    tok = model.tokenizer
+    query = _batch(tok, ["apple banana", "river lake"])
+    passage = _batch(tok, ["apple", "golf", "river lake", "paris"])
+    callback = TemperatureWarmupCallback(model)
+    args = SimpleNamespace(get_warmup_steps=lambda max_steps: 100)
+    torch.manual_seed(0)
+    model.train()
+    model.encoder.config.hidden_dropout_prob = 0.0
+    for step, temperature in ((0, 1.0), (40, 1 / 8), (100, 0.05)):
+        callback.on_step_begin(args, SimpleNamespace(global_step=step, max_steps=1000), None)
+        assert model.training_temperature.item() == pytest.approx(temperature)
+        with torch.no_grad():
+            model.eval()
+            q, p = model.encode(**query), model.encode(**passage)
+            model.train()
+            out = model(query=query, passage=passage)
+            model.eval()
+            assert model(query=query, passage=passage).loss.item() == pytest.approx(
+                contrastive_loss(q, p, 2, 0.05).item(), rel=1e-5)  # evaluation: the final temperature
+        assert torch.allclose(out.scores, (q @ p.t()) / temperature, rtol=1e-4)  # training: this step's
+        assert out.loss.item() == pytest.approx(contrastive_loss(q, p, 2, temperature).item(), rel=1e-5)
+    assert "training_temperature" not in model.state_dict()
 
 
 @pytest.mark.parametrize("distill", [False, True])

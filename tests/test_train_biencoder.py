@@ -81,6 +81,28 @@ def test_distillation_default_group_and_kd_logged(tiny_dataset, tiny_bert_dir, t
     assert len(_losses(tmp_path / "out", "contrastive_loss")) == 2
 
 
+def test_temperature_warmup_follows_the_trainer_steps(tiny_dataset, tiny_bert_dir, tmp_path):
+    """The NQ recipe's switches through the Trainer: the loss's temperature at each optimizer step
+    is the warm-up's (scores logged by a spy on the loss), the saved model keeps the final one."""
+    from simlm_core.modeling.biencoder import warmed_up_temperature
+
+    trainer, model, _ = build_trainer(BiencoderTrainArgs(**_args(
+        tiny_dataset, tiny_bert_dir, tmp_path, temperature=0.1, temperature_warmup=True, loss_scale=1.0,
+        warmup_steps=4, max_steps=6)))
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(model.training_temperature.item())
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    trainer.train()
+    assert seen == pytest.approx([warmed_up_temperature(0.1, step, 4) for step in range(6)])
+    assert seen[0] == 1.0 and seen[-1] == pytest.approx(0.1) and seen[2] == pytest.approx(0.2)
+    assert model.temperature == 0.1
+
+
 def test_epochs_reach_the_dataset(tiny_dataset, tiny_bert_dir, tmp_path):
     trainer, _, dataset = build_trainer(
         BiencoderTrainArgs(**_args(tiny_dataset, tiny_bert_dir, tmp_path, num_train_epochs=3, learning_rate=1e-5))

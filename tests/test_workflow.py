@@ -237,7 +237,8 @@ def test_paper_configs_do_not_inherit_demo_schedules(name):
     from snakemake.utils import update_config
 
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    update_config(cfg, yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()))  # --configfile's merge
+    paper = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    update_config(cfg, paper)  # --configfile's merge
     sections = {"retriever": cfg["retriever"]["train"], "reranker": cfg["reranker"]["train"],
                 "distill": cfg["distill"]["train"], "retriever2": cfg["retriever2"]["train"]}
     for section, train in sections.items():
@@ -245,11 +246,36 @@ def test_paper_configs_do_not_inherit_demo_schedules(name):
             continue
         assert "num_train_epochs" in train, (name, section)
         assert train.get("packed_training", False) is False, f"{name}: {section}.train inherits packed_training"
-        assert train.get("max_steps", -1) <= 0, f"{name}: {section}.train inherits max_steps {train['max_steps']}"
+        # a step count the paper config does not set itself (the authors' NQ scripts do) is the demo's
+        own_steps = paper.get(section, {}).get("train", {}).get("max_steps", -1)
+        assert own_steps >= 1000 or train.get("max_steps", -1) <= 0, \
+            f"{name}: {section}.train inherits max_steps {train['max_steps']}"
     assert cfg["reranker"]["train"].get("lr_scheduler_type", "linear") == "linear"
     assert cfg["distill"]["init"] == "pretrain"
     assert cfg["models"]["reranker"] != "retriever1"
     assert "demo" not in cfg["dataset"]["format"]
+
+
+def test_training_stages_ask_for_their_own_gpu_counts(tmp_path):
+    """resources.stage_gpus overrides train_gpus per stage (MS MARCO: the authors' 4 GPUs for the
+    retrievers, 8 for pre-training and the re-ranker), and the launcher follows the grant."""
+    data = tmp_path / "data"
+    data.mkdir()
+    proc = snakemake(tmp_path, "-n", "-p", "--configfile", str(REPO / "configs" / "msmarco.yaml"),
+                     "--config", f"dataset={{path: {data}}}")
+    text = proc.stdout + proc.stderr
+    gpus = {}
+    for job in text.split("\nrule ")[1:]:
+        rule = job.split(":", 1)[0]
+        system = re.search(r"wildcards: system=(\w+)", job)
+        granted = re.search(r"resources: .*\bgpu=(\d+)", job)
+        if rule in ("pretrain", "train_dense", "train_reranker"):
+            gpus[rule + (f"/{system.group(1)}" if system else "")] = int(granted.group(1))
+            assert f"torchrun --standalone --nproc_per_node {granted.group(1)} " in job, rule
+    assert gpus == {"pretrain": 8, "train_reranker": 8, "train_dense/retriever1": 4,
+                    "train_dense/retriever2": 4, "train_dense/retriever_distill": 4}
+    bad = snakemake(tmp_path, "-n", "--config", "resources={stage_gpus: {retriver: 2}}", check=False)
+    assert bad.returncode != 0 and "retriver" in bad.stdout + bad.stderr
 
 
 @pytest.mark.parametrize("name", ["msmarco", "nq", "beir"])

@@ -27,7 +27,16 @@ would drop the gradient that other ranks' queries send into this rank's passages
 of distillation depends only on a rank's own queries and groups, so it is computed from the
 local tensors without scaling; DDP's average of the per-rank means is the global mean.
 ``tests/test_biencoder.py`` checks both against a single process by simulating the ranks with
-:func:`biencoder_loss`.
+:func:`biencoder_loss`. ``loss_scale`` is the authors' option of the same name: the factor on the
+contrastive gradient through the local slices (None: ``W``, their default). Their NQ scripts set
+1, which leaves DDP's average, i.e. the global contrastive gradient divided by ``W``, against an
+unscaled KD term.
+
+Temperature warm-up (the authors' ``t_warmup``, used by their NQ scripts): the similarity scale
+``1 / t`` grows linearly with the optimizer step up to the warm-up's end, never below 1:
+``max(1, min(1, step / warmup) / t)``. The current temperature lives in a buffer that a
+:class:`~transformers.TrainerCallback` updates in place before each step, so compiled graphs and
+CUDA-graph replays read it without recompiling.
 """
 from __future__ import annotations
 
@@ -64,6 +73,7 @@ __all__ = [
     "biencoder_loss",
     "scale_grad",
     "load_biencoder_config",
+    "warmed_up_temperature",
 ]
 
 
@@ -178,11 +188,19 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1 else _ScaleGrad.apply(x, factor)
 
 
+def warmed_up_temperature(temperature: float, step: int, warmup_steps: int) -> float:
+    """The temperature at optimizer step ``step`` under the authors' ``t_warmup``:
+    ``1 / max(1, min(1, step / warmup_steps) / temperature)`` (``temperature`` itself once warm)."""
+    if warmup_steps <= 0:
+        return temperature
+    return 1.0 / max(1.0, min(1.0, step / warmup_steps) / temperature)
+
+
 def biencoder_loss(
     q: torch.Tensor,
     p: torch.Tensor,
     *,
-    temperature: float,
+    temperature: float | torch.Tensor,
     teacher_scores: torch.Tensor | None = None,
     contrastive_weight: float = 0.2,
     teacher_temperature: float = 1.0,
@@ -190,6 +208,7 @@ def biencoder_loss(
     world_q: Sequence[torch.Tensor] | None = None,
     world_p: Sequence[torch.Tensor] | None = None,
     rank: int = 0,
+    loss_scale: float | None = None,
 ) -> BiEncoderOutput:
     """One rank's training loss (see the module docstring for the DDP gradient scaling).
 
@@ -197,21 +216,23 @@ def biencoder_loss(
     every rank's embeddings as all-gathered (None: single process). The loss VALUE is the
     global batch's loss (``kd`` averaged over this rank's queries), so logs read the same for
     any number of ranks. Scores are computed in fp32 outside autocast: with t = 0.02 a bf16
-    cosine's rounding error would be ~0.2 in the logits.
+    cosine's rounding error would be ~0.2 in the logits. ``temperature`` may be a 0-dim tensor
+    (the warm-up's buffer). ``loss_scale``: the contrastive gradient's factor (None: ``W``).
     """
     b = q.shape[0]
     if b == 0 or p.shape[0] % b:
         raise ValueError(f"{p.shape[0]} passages for {b} queries: not whole groups")
     g = p.shape[0] // b
+    world = 1 if world_q is None else len(world_q)
+    # Default: gradient x W through this rank's slice, so that DDP's average over ranks yields the
+    # single-process gradient of the global contrastive loss.
+    grad_factor = float(world) if loss_scale is None else float(loss_scale)
     if world_q is None:
-        all_q, all_p, world, rank = q, p, 1, 0
+        all_q, all_p, rank = scale_grad(q, grad_factor), scale_grad(p, grad_factor), 0
     else:
         assert world_p is not None and len(world_q) == len(world_p)
-        world = len(world_q)
-        # Gradient x W through this rank's slice: DDP's average over ranks then yields the
-        # single-process gradient of the global contrastive loss.
-        all_q = gather_with_local_grad(scale_grad(q, world), world_q, rank)
-        all_p = gather_with_local_grad(scale_grad(p, world), world_p, rank)
+        all_q = gather_with_local_grad(scale_grad(q, grad_factor), world_q, rank)
+        all_p = gather_with_local_grad(scale_grad(p, grad_factor), world_p, rank)
     # (the meta device, on which tests check that a step never reads data back, has no autocast)
     with (torch.autocast(device_type=q.device.type, enabled=False)
           if torch.amp.is_autocast_available(q.device.type) else contextlib.nullcontext()):
@@ -263,6 +284,8 @@ class BiEncoder(nn.Module):
         gather_across_ranks: bool = True,
         tokenizer: Any = None,
         packed_training: bool = False,
+        loss_scale: float | None = None,
+        temperature_warmup: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -273,6 +296,13 @@ class BiEncoder(nn.Module):
         self.contrastive_weight = contrastive_weight
         self.teacher_temperature = teacher_temperature
         self.gather_across_ranks = gather_across_ranks
+        if loss_scale is not None and loss_scale <= 0:
+            raise ValueError(f"loss_scale must be > 0 (or None: the number of ranks), got {loss_scale}")
+        self.loss_scale = loss_scale
+        self.temperature_warmup = bool(temperature_warmup)
+        if self.temperature_warmup:
+            # The training loss's temperature, set before each step (set_training_step); not saved.
+            self.register_buffer("training_temperature", torch.tensor(1.0), persistent=False)
         self.tokenizer = tokenizer
         self.packed_training = bool(packed_training)
         if self.packed_training:
@@ -302,6 +332,11 @@ class BiEncoder(nn.Module):
     @property
     def temperature(self) -> float:
         return self.bi_config.temperature
+
+    def set_training_step(self, step: int, warmup_steps: int) -> None:
+        """With ``temperature_warmup``: the loss's temperature for optimizer step ``step`` (in place)."""
+        if self.temperature_warmup:
+            self.training_temperature.fill_(warmed_up_temperature(self.temperature, step, warmup_steps))
 
     @property
     def hidden_size(self) -> int:
@@ -366,7 +401,7 @@ class BiEncoder(nn.Module):
         return biencoder_loss(
             q,
             p,
-            temperature=self.temperature,
+            temperature=self.training_temperature if self.temperature_warmup and self.training else self.temperature,
             teacher_scores=teacher_scores,
             contrastive_weight=self.contrastive_weight,
             teacher_temperature=self.teacher_temperature,
@@ -374,6 +409,7 @@ class BiEncoder(nn.Module):
             world_q=world_q,
             world_p=world_p,
             rank=rank,
+            loss_scale=self.loss_scale,
         )
 
     # -- activation checkpointing (called by the HF Trainer) ----------------------------------
@@ -410,7 +446,7 @@ class BiEncoder(nn.Module):
         Settings come from the arguments where given, else from ``biencoder_config.json``,
         else the SimLM defaults (cls pooling, L2-normalised, t = 0.02, title/text pair).
         ``loss_options``: ``full_contrastive``, ``contrastive_weight``, ``teacher_temperature``,
-        ``gather_across_ranks``, ``q_max_len``, ``p_max_len``.
+        ``gather_across_ranks``, ``loss_scale``, ``temperature_warmup``, ``q_max_len``, ``p_max_len``.
         """
         saved = load_biencoder_config(path_or_hub_id) if Path(path_or_hub_id).is_dir() else None
         base = saved or BiEncoderConfig()
