@@ -24,7 +24,7 @@ Config (the workflow's ``dataset`` section; relative file names resolve against 
 absolute ones are used as they are):
 
     {"format": "beir", "path": DIR, "splits": ["train", "test"]}     # splits: default all qrels/*.tsv
-    {"format": "msmarco", "path": DIR, "corpus": "collection.tsv",
+    {"format": "msmarco", "path": DIR, "corpus": "collection.tsv", "titles": "para.title.txt",
      "splits": {"dev": {"queries": "queries.dev.small.tsv", "qrels": "qrels.dev.small.tsv"}, ...}}
     {"format": "nq", "path": DIR, "corpus": "psgs_w100.tsv",
      "splits": {"train": "biencoder-nq-train.json", "test": "nq-test.csv"}}
@@ -87,7 +87,8 @@ SPLIT_FILES: dict[str, str] = {
     "beir": "corpus.jsonl {_id,title,text}; queries.jsonl {_id,text[,answers]}; "
     "qrels/{split}.tsv (header query-id corpus-id score). A split's queries are those its qrels "
     "name, in queries.jsonl order.",
-    "msmarco": "corpus TSV pid<TAB>text (title ''); per split a queries TSV qid<TAB>text and a "
+    "msmarco": "corpus TSV pid<TAB>text (title '', or from the optional `titles` file pid<TAB>title, "
+    "e.g. RocketQA's para.title.txt as the SimLM authors used); per split a queries TSV qid<TAB>text and a "
     "qrels file, MS MARCO 'qid 0 pid 1' or TREC 'qid Q0 pid rel' (graded kept). Only judged "
     "queries are kept; the number dropped is reported in warnings.",
     "nq": "corpus psgs_w100.tsv (header id text title). A split is either a DPR biencoder json "
@@ -99,7 +100,7 @@ SPLIT_FILES: dict[str, str] = {
 
 _ALLOWED_KEYS = {
     "beir": {"format", "path", "splits"},
-    "msmarco": {"format", "path", "corpus", "splits"},
+    "msmarco": {"format", "path", "corpus", "splits", "titles"},
     "nq": {"format", "path", "corpus", "splits"},
 }
 
@@ -125,6 +126,8 @@ class SourceSpec:
     format: str
     corpus: Path
     splits: dict[str, Callable[[list[str]], SplitData]]
+    titles: Path | None = None
+    """msmarco: a ``pid<TAB>title`` file whose titles the corpus takes (RocketQA's para.title.txt)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +145,8 @@ def _decode(path: PathLike, raw: bytes, lineno: int) -> str:
 
 
 def iter_lines(path: PathLike, on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[int, str]]:
-    """Yield ``(line number, text)`` for each non-blank line, line ending removed.
+    """Yield ``(line number, text)`` for each non-blank line, line ending removed. A line of
+    tabs is not blank: it is a record of empty fields, which the parsers reject by name.
 
     ``on_bytes`` is told how many bytes were read (for a progress bar over big files).
     """
@@ -153,7 +157,7 @@ def iter_lines(path: PathLike, on_bytes: Callable[[int], None] | None = None) ->
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
             text = _decode(path, raw, lineno).rstrip("\r\n")
-            if text.strip():
+            if text.strip() or "\t" in text:
                 yield lineno, text
 
 
@@ -190,11 +194,18 @@ def _id_field(path: PathLike, lineno: int, obj: dict[str, Any], key: str) -> str
     return str(value)
 
 
+RELEVANCE_RANGE = (-(2**31), 2**31 - 1)
+"""Relevance labels are stored as int32."""
+
+
 def _relevance(path: PathLike, lineno: int, value: str) -> int:
     try:
-        return int(value)
+        rel = int(value)
     except ValueError:
         raise InputError(path, f"relevance {value!r} is not an integer", lineno) from None
+    if not RELEVANCE_RANGE[0] <= rel <= RELEVANCE_RANGE[1]:
+        raise InputError(path, f"relevance {value!r} is outside the int32 range of a relevance label", lineno)
+    return rel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,9 +348,21 @@ def read_topics_tsv(path: PathLike) -> list[tuple[str, str, int]]:
     return out
 
 
+_WHITESPACE = re.compile(r"\s")
+
+
+def _check_id(path: PathLike, lineno: int, value: str, what: str) -> None:
+    """Ids travel through whitespace-separated TREC files (Anserini's runs, trec_eval's qrels):
+    one with a space, tab or newline in it could not come back the same."""
+    if _WHITESPACE.search(value):
+        raise InputError(path, f"{what} id {value!r} contains whitespace, which TREC run and qrels files "
+                               f"cannot carry", lineno)
+
+
 def _check_query(path: PathLike, lineno: int, qid: str, text: str, seen: dict[str, int]) -> None:
     if not qid.strip():
         raise InputError(path, "empty query id", lineno)
+    _check_id(path, lineno, qid, "query")
     if not text.strip():
         raise InputError(path, f"empty query text for query {qid!r}", lineno)
     if qid in seen:
@@ -348,30 +371,38 @@ def _check_query(path: PathLike, lineno: int, qid: str, text: str, seen: dict[st
 
 
 def read_qrels(path: PathLike) -> list[tuple[str, str, int, int]]:
-    """Read qrels -> ``[(qid, pid, relevance, line)]``, detecting the layout per line.
+    """Read qrels -> ``[(qid, pid, relevance, line)]``; the first line fixes the layout.
 
     4 fields: MS MARCO ``qid 0 pid 1`` (tabs) or TREC ``qid Q0 pid rel`` (spaces); 3 fields:
     BEIR ``query-id corpus-id score`` (a header line is skipped). Graded labels, 0 included,
-    are kept because metrics need them (TREC DL 0-3).
+    are kept because metrics need them (TREC DL 0-3). A line with another column count than the
+    first is an error: in a 4-column file, a line that lost its last field would otherwise read as
+    ``qid pid rel`` and judge the wrong passage.
     """
     out = []
+    columns = 0
     for lineno, text in iter_lines(path):
         parts = text.split("\t")
         if len(parts) not in (3, 4):
             parts = text.split()  # TREC files separate with spaces
-        if len(parts) == 4:
-            qid, _, pid, rel = parts
-        elif len(parts) == 3:
-            qid, pid, rel = parts
-            if not out and (qid, pid) == ("query-id", "corpus-id"):
-                continue
-        else:
+        if len(parts) not in (3, 4):
             raise InputError(
                 path, f"expected 'qid Q0 pid rel' (4 columns) or 'qid pid rel' (3), found {len(parts)} columns", lineno
             )
-        qid, pid = qid.strip(), pid.strip()
-        if not qid or not pid:
+        if columns == 0:
+            columns = len(parts)
+            if columns == 3 and (parts[0], parts[1]) == ("query-id", "corpus-id"):
+                continue
+        elif len(parts) != columns:
+            raise InputError(path, f"{len(parts)} columns where the file's first line has {columns}", lineno)
+        if columns == 4:
+            qid, _, pid, rel = parts
+        else:
+            qid, pid, rel = parts
+        if not qid.strip() or not pid.strip():
             raise InputError(path, "empty query or passage id", lineno)
+        _check_id(path, lineno, qid, "query")
+        _check_id(path, lineno, pid, "passage")
         out.append((qid, pid, _relevance(path, lineno, rel.strip()), lineno))
     return out
 
@@ -658,9 +689,10 @@ def resolve_source(dataset: dict[str, Any]) -> SourceSpec:
     corpus = _must_exist(_resolve(root, dataset.get("corpus") or default_corpus), "corpus")
     if fmt == "msmarco":
         files = _msmarco_split_files(root, splits)
+        titles = _must_exist(_resolve(root, dataset["titles"]), "titles") if dataset.get("titles") else None
         return SourceSpec(fmt, corpus, {
             n: (lambda w, n=n, q=q, r=r: _msmarco_split(n, q, r, w)) for n, (q, r) in files.items()
-        })
+        }, titles)
     nq_files = _nq_split_files(root, splits)
     return SourceSpec(fmt, corpus, {n: (lambda w, n=n, p=p: _nq_split(n, p, w)) for n, p in nq_files.items()})
 
@@ -775,6 +807,7 @@ def iter_passages(
         pid, title, body = parse(path, lineno, text)
         if not pid.strip():
             raise InputError(path, "empty passage id", lineno)
+        _check_id(path, lineno, pid, "passage")
         yield lineno, pid, title, body
 
 
@@ -785,6 +818,8 @@ class _CorpusCheck:
     needed: dict[str, tuple[str, int]]
     hashes: list[np.ndarray] = field(default_factory=list)
     title_only: int = 0
+    titles: Any = None
+    """A :class:`~simlm_core.passage_titles.TitleLookup` when titles come from their own file."""
 
     def batch(self, pids: list[str]) -> None:
         self.hashes.append(np.fromiter(map(hash, pids), dtype=np.int64, count=len(pids)))
@@ -837,14 +872,21 @@ def convert_corpus(
     row_group_size: int = ROW_GROUP_SIZE,
     progress: bool = True,
     warnings: list[str] | None = None,
+    titles: PathLike | None = None,
 ) -> int:
     """Stream a corpus file into ``out_path`` (Parquet, one row group per ``row_group_size``).
 
     ``needed`` maps judged pids to the qrels file and line naming them; any not found in the
-    corpus fail the conversion. The output appears only if every check passed.
+    corpus fail the conversion. ``titles``: a ``pid<TAB>title`` file whose titles replace the
+    corpus's own (MS MARCO has none; see :mod:`simlm_core.passage_titles`). The output appears
+    only if every check passed.
     """
     path = Path(path)
     check = _CorpusCheck(dict(needed or {}))
+    if titles is not None:
+        from simlm_core.passage_titles import TitleLookup
+
+        check.titles = TitleLookup.from_file(titles)
     cols: dict[str, list[str]] = {"pid": [], "title": [], "text": []}
     size = None if path.suffix == ".gz" else path.stat().st_size  # bytes read are uncompressed
     bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"corpus {path.name}", disable=not progress, mininterval=1.0)
@@ -862,12 +904,23 @@ def convert_corpus(
         rows = writer.rows_written
     if check.title_only and warnings is not None:
         _warn(warnings, f"corpus {path}: {check.title_only} passage(s) have an empty text (title only)")
+    if check.titles is not None and warnings is not None:
+        lookup = check.titles
+        log.info("titles from %s: %d of %d passages", lookup.path, lookup.matched, rows)
+        if lookup.missing:
+            _warn(warnings, f"titles {lookup.path}: {lookup.missing} passage(s) of the corpus have no title "
+                            f"there (kept with an empty title)")
+        if lookup.unused():
+            _warn(warnings, f"titles {lookup.path}: {lookup.unused()} title(s) name passages that are not in "
+                            f"the corpus (ignored)")
     return rows
 
 
 def _flush(writer: ParquetStreamWriter, cols: dict[str, list[str]], check: _CorpusCheck) -> None:
     if cols["pid"]:
         check.batch(cols["pid"])
+        if check.titles is not None:
+            cols["title"] = check.titles.lookup(cols["pid"])
         writer.write(cols)
         for v in cols.values():
             v.clear()
@@ -932,7 +985,7 @@ def prepare_dataset(
         for pid, origin in split.pid_origin.items():
             needed.setdefault(pid, origin)
     n = convert_corpus(spec.format, spec.corpus, out / "corpus.parquet", needed,
-                       row_group_size=row_group_size, progress=progress, warnings=warnings)
+                       row_group_size=row_group_size, progress=progress, warnings=warnings, titles=spec.titles)
     counts = {"corpus.parquet": n}
     for split in splits:
         counts.update(_write_split(split, out))

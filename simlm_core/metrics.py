@@ -438,7 +438,8 @@ def answer_hits(
 # ---------------------------------------------------------------------------------------------
 # File loaders (Parquet artifacts, plus TREC / BEIR text for external references)
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    # utf-8-sig: a byte-order mark would otherwise become part of the first query id
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else open(path, encoding="utf-8-sig")
 
 
 def load_run(path) -> pd.DataFrame:
@@ -466,23 +467,19 @@ def load_qrels(path) -> pd.DataFrame:
     path = Path(path)
     if path.suffix == ".parquet":
         return read_table(path, QRELS_SCHEMA)
-    rows = []
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts or (n == 1 and parts[0] == "query-id"):
-                continue
-            if len(parts) == 4:
-                qid, pid, rel = parts[0], parts[2], parts[3]
-            elif len(parts) == 3:
-                qid, pid, rel = parts
-            else:
-                raise InputError(path, f"expected 'qid iter pid rel' or 'qid pid rel', got {len(parts)} fields", n)
-            try:
-                rows.append((qid, pid, int(rel)))
-            except ValueError as exc:
-                raise InputError(path, f"relevance is not an integer: {rel!r}", n) from exc
+    from simlm_core.data import read_qrels  # the data preparation's parser: one set of checks
+
+    rows = [(qid, pid, rel) for qid, pid, rel, _ in read_qrels(path)]
     return pd.DataFrame(rows, columns=["qid", "pid", "relevance"])
+
+
+def _has_rows(path) -> bool:
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows > 0
+    return len(load_answers(path)) > 0
 
 
 def load_answers(path) -> pd.DataFrame:
@@ -525,7 +522,8 @@ def evaluate_split(
     Returns ``{"metrics": {name: value}, "num_queries": {...}}``.
 
     ``measures`` may mix ir-measures names and ``Answer@k``. When None it is
-    :func:`default_measures` of ``dataset_format`` / ``split`` if a format is given, else
+    :func:`default_measures` of ``dataset_format`` / ``split`` if a format is given (plus
+    ``Answer@k`` for ``answer_ks`` when the answers file has rows, e.g. BEIR queries with answers), else
     RR@10, R@50, R@100, R@1000, nDCG@10 when qrels are given, plus answer hit rates when
     answers are given. Answer hit rates are computed only when ``measures`` names an
     ``Answer@k`` or names no ir-measures measure at all (None or ``[]``) while answers are
@@ -541,6 +539,10 @@ def evaluate_split(
     if measures is None:
         if dataset_format is not None:
             measures = default_measures(dataset_format, split or "")
+            if answers_path is not None and corpus_path is not None and _has_rows(answers_path) \
+                    and not any(answer_cutoff(m) is not None for m in measures):
+                # a BEIR folder whose queries carry answers: report answer hit rates beside the rest
+                measures += [f"{ANSWER_PREFIX}{k}" for k in answer_ks]
         else:
             measures = ["RR@10", "R@50", "R@100", "R@1000", "nDCG@10"] if qrels_path is not None else []
             if answers_path is not None:

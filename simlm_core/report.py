@@ -120,10 +120,13 @@ def _safe_name(split: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", split)
 
 
-def _normalise_reference(value: Any) -> float | None:
-    """Paper figures may be given as percentages (41.1); every metric here is a rate in [0, 1]."""
-    if not _is_number(value):
+def _normalise_reference(split: str, metric: str, value: Any) -> float | None:
+    """Paper figures may be given as percentages (41.1); every metric here is a rate in [0, 1].
+    None (YAML ``null``) leaves the figure out; anything else that is not a number is an error."""
+    if value is None:
         return None
+    if not _is_number(value):
+        raise ValueError(f"report reference {split}.{metric}: {value!r} is not a number")
     value = float(value)
     return value / 100.0 if value > 1.0 else value
 
@@ -158,7 +161,8 @@ class _Tables:
         for split, mets in (reference or {}).items():
             if split not in self.values:
                 continue  # no system evaluated on it: nothing to compare with
-            ref = {str(k): r for k, v in (mets or {}).items() if (r := _normalise_reference(v)) is not None}
+            ref = {str(k): r for k, v in (mets or {}).items()
+                   if (r := _normalise_reference(split, str(k), v)) is not None}
             if ref:
                 self.reference[split] = ref
                 for k in ref:
@@ -264,17 +268,16 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], ref_last: 
 
 
 def _cost_rows(costs: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    rows = []
-    tot_wall = tot_cpu = 0.0
-    peak = None
-    for c in costs:
-        wall, cpu, rss = c.get("wall_s"), c.get("cpu_s"), c.get("max_rss_mb")
-        rows.append([str(c.get("rule", "?")), _fmt(wall, 1), _fmt(cpu, 1), _fmt(rss, 0)])
-        tot_wall += wall if _is_number(wall) else 0.0
-        tot_cpu += cpu if _is_number(cpu) else 0.0
-        if _is_number(rss):
-            peak = rss if peak is None else max(peak, rss)
-    rows.append(["total", _fmt(tot_wall, 1), _fmt(tot_cpu, 1), _fmt(peak, 0)])
+    rows = [[str(c.get("rule", "?")), _fmt(c.get("wall_s"), 1), _fmt(c.get("cpu_s"), 1), _fmt(c.get("max_rss_mb"), 0)]
+            for c in costs]
+
+    def measured(key: str) -> list[float]:
+        return [float(c[key]) for c in costs if _is_number(c.get(key))]
+
+    # totals over the measured stages; none measured: "–", not 0
+    wall, cpu, rss = measured("wall_s"), measured("cpu_s"), measured("max_rss_mb")
+    rows.append(["total", _fmt(sum(wall) if wall else None, 1), _fmt(sum(cpu) if cpu else None, 1),
+                 _fmt(max(rss) if rss else None, 0)])
     return rows
 
 

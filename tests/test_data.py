@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -313,6 +315,74 @@ def test_bad_relevance(tmp_path):
     with pytest.raises(InputError) as e:
         _prepare_ms(tmp_path, **{"qrels.train.tsv": "100\t0\t1\t1\n101\t0\t2\thigh\n"})
     _check(e, tmp_path / "qrels.train.tsv", 2, "relevance 'high' is not an integer")
+
+
+def test_bad_qrels_line_missing_a_column(tmp_path):
+    """In a 4-column file a line that lost its last field must not read as 'qid pid rel' (it would
+    judge passage '0' with relevance 123)."""
+    with pytest.raises(InputError) as e:
+        _prepare_ms(tmp_path, **{"qrels.train.tsv": "100\t0\t1\t1\n101\t0\t2\n"})
+    _check(e, tmp_path / "qrels.train.tsv", 2, "3 columns where the file's first line has 4")
+    assert not (tmp_path / "out" / "corpus.parquet").exists()
+
+
+def test_bad_relevance_outside_int32(tmp_path):
+    with pytest.raises(InputError) as e:
+        _prepare_ms(tmp_path, **{"qrels.dev.small.tsv": "200\t0\t3\t3000000000\n"})
+    _check(e, tmp_path / "qrels.dev.small.tsv", 1, "outside the int32 range")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("name, text, line, what", [
+    ("collection.tsv", "0\tzero\n5 \tfive\n", 2, "passage id '5 '"),
+    ("queries.train.tsv", "100\tfirst\n101 x\tsecond\n", 2, "query id '101 x'"),
+    ("qrels.train.tsv", "100\t0\t1\t1\n101\t0\t2 \t1\n", 2, "passage id '2 '"),
+])
+def test_bad_id_with_whitespace(tmp_path, name, text, line, what):
+    with pytest.raises(InputError) as e:
+        _prepare_ms(tmp_path, **{name: text})
+    _check(e, tmp_path / name, line, f"{what} contains whitespace")
+
+
+def test_line_of_tabs_is_a_record_not_a_blank_line(tmp_path):
+    with pytest.raises(InputError) as e:
+        _prepare_ms(tmp_path, **{"queries.train.tsv": "100\tfirst\n\t\n101\tsecond\n"})
+    _check(e, tmp_path / "queries.train.tsv", 2, "empty query id")
+
+
+def test_msmarco_titles_from_their_own_file(tmp_path):
+    """RocketQA-style pid<TAB>title file, in any order: titles join the corpus; passages without a
+    title and titles without a passage are counted in the warnings."""
+    src = make_msmarco(tmp_path / "ms")
+    write(src / "para.title.txt", "".join(f"{i}\tTitle {i}\n" for i in (7, 3, 0, 1, 2, 4, 5, 6, 42)) + "9\t\n")
+    summary = D.prepare_dataset({"format": "msmarco", "path": str(src), "titles": "para.title.txt"},
+                                tmp_path / "out", progress=False)
+    corpus = read(tmp_path / "out", "corpus.parquet")
+    assert corpus.pid.tolist() == [str(i) for i in range(10)]  # the collection's order
+    assert corpus.title.tolist() == [f"Title {i}" for i in range(8)] + ["", ""]  # 8 absent, 9 empty
+    assert any("1 passage(s) of the corpus have no title" in w for w in summary["warnings"])
+    assert any("1 title(s) name passages that are not in the corpus" in w for w in summary["warnings"])
+    for text, line, problem in (("0\tA\n1\tB\n0\tC\n", 3, "passage '0' has a second title (first on line 1)"),
+                                ("0\tA\n1\tB\textra\n", 2, "expected 2 tab-separated columns (pid, title)")):
+        write(src / "para.title.txt", text)
+        with pytest.raises(InputError) as e:
+            D.prepare_dataset({"format": "msmarco", "path": str(src), "titles": "para.title.txt"},
+                              tmp_path / "out2", progress=False)
+        _check(e, src / "para.title.txt", line, problem)
+        assert not (tmp_path / "out2" / "corpus.parquet").exists()
+    with pytest.raises(InputError, match="nope.txt: file not found"):
+        D.prepare_dataset({"format": "msmarco", "path": str(src), "titles": "nope.txt"}, tmp_path / "o3",
+                          progress=False)
+
+
+def test_title_lookup_survives_hash_collisions(monkeypatch):
+    from simlm_core import passage_titles as T
+
+    monkeypatch.setattr(T, "id_hashes", lambda ids: np.zeros(len(ids), dtype=np.int64))  # every id collides
+    lookup = T.TitleLookup(path="t", pids=pa.array(["a", "b", "c"]), titles=pa.array(["A", "B", "C"]),
+                           sorted_hashes=np.zeros(3, np.int64), order=np.arange(3), _used=np.zeros(3, bool))
+    assert lookup.lookup(["c", "x", "a"]) == ["C", "", "A"]
+    assert (lookup.matched, lookup.missing, lookup.unused()) == (2, 1, 1)
 
 
 def test_bad_conflicting_judgments(tmp_path):

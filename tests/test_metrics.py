@@ -203,9 +203,21 @@ def test_trec_loaders_report_line(tmp_path):
     badq.write_text("q 0 d 1\nq 0 d\n")
     with pytest.raises(InputError, match="line 2"):
         M.load_qrels(badq)
+    with pytest.raises(InputError, match="3 columns where the file's first line has 4"):
+        M.load_qrels(badq)  # not read as 'qid pid rel' = (q, 0, d)
     beir = tmp_path / "test.tsv"
     beir.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
     assert M.load_qrels(beir).to_dict("records") == [{"qid": "q1", "pid": "d1", "relevance": 1}]
+
+
+def test_trec_loaders_drop_a_byte_order_mark(tmp_path):
+    """A BOM must not become part of the first query id (that query would go unmatched)."""
+    run, qrels = tmp_path / "run.txt", tmp_path / "qrels.txt"
+    run.write_bytes(b"\xef\xbb\xbfq1 Q0 d1 1 2.0 tag\nq1 Q0 d2 2 1.0 tag\n")
+    qrels.write_bytes(b"\xef\xbb\xbfq1 0 d2 1\n")
+    assert M.load_run(run).qid.tolist() == ["q1", "q1"]
+    assert M.load_qrels(qrels).qid.tolist() == ["q1"]
+    assert M.evaluate_run(M.load_run(run), M.load_qrels(qrels), ["RR@10"])["RR@10"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +378,22 @@ def test_evaluate_split_nq(nq, tmp_path):
     out4 = M.evaluate_split(tmp_path / "run.parquet", answers_path=tmp_path / "answers.parquet",
                             corpus_path=nq["corpus_path"], measures=[], answer_ks=(20, 100))
     assert list(out4["metrics"]) == ["Answer@20", "Answer@100"]
+
+
+def test_beir_split_with_answers_gets_answer_hit_rates_by_default(nq, tmp_path):
+    """The format's defaults, plus Answer@k when the split's answers file has rows (BEIR queries
+    with an 'answers' field); an empty answers file (MS MARCO, the demo) adds nothing."""
+    run = nq["qrels"].assign(rank=1, score=1.0)
+    write_table(run, tmp_path / "run.parquet", RUN_SCHEMA)
+    write_table(nq["qrels"], tmp_path / "qrels.parquet", QRELS_SCHEMA)
+    write_table(nq["answers"], tmp_path / "answers.parquet", ANSWERS_SCHEMA)
+    write_table(nq["answers"].iloc[:0], tmp_path / "none.parquet", ANSWERS_SCHEMA)
+    kw = dict(corpus_path=nq["corpus_path"], dataset_format="beir", split="test", answer_ks=(20, 100))
+    out = M.evaluate_split(tmp_path / "run.parquet", tmp_path / "qrels.parquet", tmp_path / "answers.parquet", **kw)
+    assert list(out["metrics"]) == M.default_measures("beir", "test") + ["Answer@20", "Answer@100"]
+    assert out["metrics"]["Answer@20"] == pytest.approx(1.0)
+    out = M.evaluate_split(tmp_path / "run.parquet", tmp_path / "qrels.parquet", tmp_path / "none.parquet", **kw)
+    assert list(out["metrics"]) == M.default_measures("beir", "test")
 
 
 def test_metric_definitions_cover_defaults():

@@ -111,6 +111,17 @@ def test_build_report_rejects_duplicates(tmp_path):
         R.build_report([{**e, "system": "paper"}], tmp_path, "t")
 
 
+def test_reference_must_be_numbers_and_unmeasured_totals_show_a_dash(tmp_path):
+    entries = [{"system": "bm25", "split": "dev", "metrics": {"RR@10": 0.1}}]
+    with pytest.raises(ValueError, match=r"report reference dev\.RR@10: '18\.4' is not a number"):
+        R.build_report(entries, tmp_path / "a", "t", reference={"dev": {"RR@10": "18.4"}})
+    R.build_report(entries, tmp_path / "b", "t", reference={"dev": {"RR@10": None, "R@50": 60}},
+                   costs=[{"rule": "bm25_search", "wall_s": None, "cpu_s": None, "max_rss_mb": None}])
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert "| paper | – | 0.6000 |" in md  # null: left out
+    assert "| total | – | – | – |" in md  # nothing measured is not 0 s
+
+
 def test_read_snakemake_benchmark(tmp_path):
     p = tmp_path / "b.tsv"
     p.write_text(BENCH_HEADER + "10.0\t0:00:10\t100.5\t200\t90\t95\t0.5\t1.5\t50.0\t8.0\n"
