@@ -11,7 +11,7 @@ rule bm25_index:
         heap=config["bm25"]["heap"],
     threads: config["bm25"]["threads"]
     resources:
-        mem_mb=8000,
+        mem_mb=bm25_mem_mb(),
         runtime=360,
     log:
         log_path("bm25_index"),
@@ -39,7 +39,7 @@ rule bm25_search:
         remove_query=config["bm25"]["remove_query"],
     threads: config["bm25"]["threads"]
     resources:
-        mem_mb=8000,
+        mem_mb=bm25_mem_mb(),
         runtime=360,
     log:
         log_path("bm25_search_{split}"),
@@ -55,7 +55,7 @@ rule bm25_negatives:
     input:
         run=out("bm25", "runs", f"{TRAIN_SPLIT}.parquet"),
         qrels=out("data", "qrels", f"{TRAIN_SPLIT}.parquet"),
-        code=core("mining.py"),
+        code=core("drivers/mine_negatives.py"),
     output:
         negatives=out("negatives", "bm25.parquet"),
         stats=out("negatives", "bm25.stats.json"),

@@ -179,6 +179,17 @@ def train_args(stage, section, **paths):
     return args
 
 
+def bm25_mem_mb():
+    """Memory of a BM25 job: the configured Java heap (bm25.heap, e.g. "16g") plus 4 GB for the
+    JVM's own memory and Python; 8 GB with no heap set (the JVM then sizes its heap from the job's
+    limit). A scheduler would otherwise kill a job whose heap alone exceeds its memory."""
+    heap = config["bm25"]["heap"]
+    if not heap:
+        return 8000
+    scale = {"k": 1 / 1024, "m": 1, "g": 1024}[heap[-1].lower()]
+    return max(8000, int(int(heap[:-1]) * scale) + 4096)
+
+
 def stage_gpus(section):
     """GPUs a training stage asks for: `resources.stage_gpus[section]`, else `resources.train_gpus`
     (the authors ran pre-training and the re-ranker on 8 GPUs, the retrievers on 4)."""

@@ -6,7 +6,7 @@ rule mine_negatives:
     input:
         run=out("retriever1", "runs", f"{TRAIN_SPLIT}.parquet"),
         qrels=out("data", "qrels", f"{TRAIN_SPLIT}.parquet"),
-        code=core("mining.py"),
+        code=core("drivers/mine_negatives.py"),
     output:
         negatives=out("negatives", "retriever1.parquet"),
         stats=out("negatives", "retriever1.stats.json"),

@@ -38,14 +38,13 @@ from __future__ import annotations
 import ast
 import codecs
 import csv
-import gzip
 import inspect
 import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +61,7 @@ from simlm_core.io import (
     PathLike,
     write_table,
 )
+from simlm_core.text_input import check_id, iter_lines, open_binary, read_qrels, tsv_fields  # noqa: F401 (API)
 
 log = logging.getLogger(__name__)
 
@@ -130,46 +130,6 @@ class SourceSpec:
     """msmarco: a ``pid<TAB>title`` file whose titles the corpus takes (RocketQA's para.title.txt)."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Line reading (bytes, decoded per line so errors know their line)
-def _open_binary(path: PathLike) -> IO[bytes]:
-    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
-
-
-def _decode(path: PathLike, raw: bytes, lineno: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        bad = raw[e.start : e.start + 4]
-        raise InputError(path, f"not valid UTF-8 (byte {e.start + 1} of the line, {bad!r})", lineno) from None
-
-
-def iter_lines(path: PathLike, on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[int, str]]:
-    """Yield ``(line number, text)`` for each non-blank line, line ending removed. A line of
-    tabs is not blank: it is a record of empty fields, which the parsers reject by name.
-
-    ``on_bytes`` is told how many bytes were read (for a progress bar over big files).
-    """
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if on_bytes is not None:
-                on_bytes(len(raw))
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            text = _decode(path, raw, lineno).rstrip("\r\n")
-            if text.strip() or "\t" in text:
-                yield lineno, text
-
-
-def _fields(path: PathLike, lineno: int, text: str, expected: int, what: str) -> list[str]:
-    parts = text.split("\t")
-    if len(parts) != expected:
-        raise InputError(
-            path, f"expected {expected} tab-separated columns ({what}), found {len(parts)}", lineno
-        )
-    return parts
-
-
 def _dpr_row(path: PathLike, lineno: int, text: str) -> list[str]:
     """Split one psgs_w100 line; fields may be CSV-quoted ("" inside quotes), as DPR writes them."""
     if '"' not in text:
@@ -194,20 +154,6 @@ def _id_field(path: PathLike, lineno: int, obj: dict[str, Any], key: str) -> str
     return str(value)
 
 
-RELEVANCE_RANGE = (-(2**31), 2**31 - 1)
-"""Relevance labels are stored as int32."""
-
-
-def _relevance(path: PathLike, lineno: int, value: str) -> int:
-    try:
-        rel = int(value)
-    except ValueError:
-        raise InputError(path, f"relevance {value!r} is not an integer", lineno) from None
-    if not RELEVANCE_RANGE[0] <= rel <= RELEVANCE_RANGE[1]:
-        raise InputError(path, f"relevance {value!r} is outside the int32 range of a relevance label", lineno)
-    return rel
-
-
 # ---------------------------------------------------------------------------------------------
 # Streaming reader for a top-level JSON array (DPR biencoder files: GBs, sometimes one line)
 _MAX_JSON_STRING = 64 << 20  # longer "unterminated" strings are reported, not read on
@@ -230,7 +176,7 @@ class _JsonArrayReader:
     def _text_chunks(self) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")()
         newlines, first = 0, True
-        with _open_binary(self.path) as f:
+        with open_binary(self.path) as f:
             while True:
                 raw = f.read(self.chunk_chars)
                 if first and raw.startswith(codecs.BOM_UTF8):
@@ -342,69 +288,21 @@ def read_topics_tsv(path: PathLike) -> list[tuple[str, str, int]]:
     seen: dict[str, int] = {}
     out = []
     for lineno, text in iter_lines(path):
-        qid, query = _fields(path, lineno, text, 2, "qid, query text")
+        qid, query = tsv_fields(path, lineno, text, 2, "qid, query text")
         _check_query(path, lineno, qid, query, seen)
         out.append((qid, query, lineno))
     return out
 
 
-_WHITESPACE = re.compile(r"\s")
-
-
-def _check_id(path: PathLike, lineno: int, value: str, what: str) -> None:
-    """Ids travel through whitespace-separated TREC files (Anserini's runs, trec_eval's qrels):
-    one with a space, tab or newline in it could not come back the same."""
-    if _WHITESPACE.search(value):
-        raise InputError(path, f"{what} id {value!r} contains whitespace, which TREC run and qrels files "
-                               f"cannot carry", lineno)
-
-
 def _check_query(path: PathLike, lineno: int, qid: str, text: str, seen: dict[str, int]) -> None:
     if not qid.strip():
         raise InputError(path, "empty query id", lineno)
-    _check_id(path, lineno, qid, "query")
+    check_id(path, lineno, qid, "query")
     if not text.strip():
         raise InputError(path, f"empty query text for query {qid!r}", lineno)
     if qid in seen:
         raise InputError(path, f"duplicate query id {qid!r} (first on line {seen[qid]})", lineno)
     seen[qid] = lineno
-
-
-def read_qrels(path: PathLike) -> list[tuple[str, str, int, int]]:
-    """Read qrels -> ``[(qid, pid, relevance, line)]``; the first line fixes the layout.
-
-    4 fields: MS MARCO ``qid 0 pid 1`` (tabs) or TREC ``qid Q0 pid rel`` (spaces); 3 fields:
-    BEIR ``query-id corpus-id score`` (a header line is skipped). Graded labels, 0 included,
-    are kept because metrics need them (TREC DL 0-3). A line with another column count than the
-    first is an error: in a 4-column file, a line that lost its last field would otherwise read as
-    ``qid pid rel`` and judge the wrong passage.
-    """
-    out = []
-    columns = 0
-    for lineno, text in iter_lines(path):
-        parts = text.split("\t")
-        if len(parts) not in (3, 4):
-            parts = text.split()  # TREC files separate with spaces
-        if len(parts) not in (3, 4):
-            raise InputError(
-                path, f"expected 'qid Q0 pid rel' (4 columns) or 'qid pid rel' (3), found {len(parts)} columns", lineno
-            )
-        if columns == 0:
-            columns = len(parts)
-            if columns == 3 and (parts[0], parts[1]) == ("query-id", "corpus-id"):
-                continue
-        elif len(parts) != columns:
-            raise InputError(path, f"{len(parts)} columns where the file's first line has {columns}", lineno)
-        if columns == 4:
-            qid, _, pid, rel = parts
-        else:
-            qid, pid, rel = parts
-        if not qid.strip() or not pid.strip():
-            raise InputError(path, "empty query or passage id", lineno)
-        _check_id(path, lineno, qid, "query")
-        _check_id(path, lineno, pid, "passage")
-        out.append((qid, pid, _relevance(path, lineno, rel.strip()), lineno))
-    return out
 
 
 def read_dpr_qas(path: PathLike) -> list[tuple[str, str, list[str], int]]:
@@ -533,7 +431,7 @@ def _nq_split(name: str, path: Path, warnings: list[str]) -> SplitData:
 
 
 def _first_char(path: Path) -> str:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         head = f.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
     return head[:1].decode("ascii", errors="replace")
 
@@ -760,7 +658,7 @@ def _beir_passage(path: PathLike, lineno: int, text: str) -> Passage:
 
 
 def _msmarco_passage(path: PathLike, lineno: int, text: str) -> Passage:
-    pid, body = _fields(path, lineno, text, 2, "pid, passage text")
+    pid, body = tsv_fields(path, lineno, text, 2, "pid, passage text")
     return pid, "", body
 
 
@@ -807,7 +705,7 @@ def iter_passages(
         pid, title, body = parse(path, lineno, text)
         if not pid.strip():
             raise InputError(path, "empty passage id", lineno)
-        _check_id(path, lineno, pid, "passage")
+        check_id(path, lineno, pid, "passage")
         yield lineno, pid, title, body
 
 

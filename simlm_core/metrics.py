@@ -467,7 +467,7 @@ def load_qrels(path) -> pd.DataFrame:
     path = Path(path)
     if path.suffix == ".parquet":
         return read_table(path, QRELS_SCHEMA)
-    from simlm_core.data import read_qrels  # the data preparation's parser: one set of checks
+    from simlm_core.text_input import read_qrels  # the data preparation's parser: one set of checks
 
     rows = [(qid, pid, rel) for qid, pid, rel, _ in read_qrels(path)]
     return pd.DataFrame(rows, columns=["qid", "pid", "relevance"])

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from simlm_core.io import InputError, PathLike
+from simlm_core.text_input import iter_lines, tsv_fields
 
 __all__ = ["TitleLookup", "id_hashes"]
 
@@ -49,8 +50,6 @@ class TitleLookup:
     def from_file(cls, path: PathLike) -> "TitleLookup":
         """Read ``pid<TAB>title`` lines (an empty title allowed); a line without exactly one tab,
         an empty pid or a pid listed twice is an error naming the file and line."""
-        from simlm_core.data import iter_lines  # the corpus reader's line handling: BOM, gzip, UTF-8 errors
-
         pid_chunks: list[pa.Array] = []
         title_chunks: list[pa.Array] = []
         hash_chunks: list[np.ndarray] = []
@@ -67,9 +66,7 @@ class TitleLookup:
                 titles.clear()
 
         for lineno, text in iter_lines(path):
-            parts = text.split("\t")
-            if len(parts) != 2:
-                raise InputError(path, f"expected 2 tab-separated columns (pid, title), found {len(parts)}", lineno)
+            parts = tsv_fields(path, lineno, text, 2, "pid, title")
             if not parts[0].strip():
                 raise InputError(path, "empty passage id", lineno)
             pids.append(parts[0])

@@ -51,7 +51,12 @@ def _read_columns(path: str, columns: list[str]) -> pa.Table:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_dataclass_cli(MineNegativesArgs, argv)
+    return mine_files(parse_dataclass_cli(MineNegativesArgs, argv))
+
+
+def mine_files(args: MineNegativesArgs) -> dict:
+    """Mine ``args.run_path`` into ``args.out_path`` (+ ``stats_path``); returns the statistics.
+    The workflow's BM25 and dense mining rules call this too, so they stream as the CLI does."""
     # Arrow tables straight into the miner: no pandas string objects for a 100M-row run.
     qrels = _read_columns(args.qrels_path, ["qid", "pid", "relevance"])
     queries = None
