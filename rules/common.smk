@@ -227,11 +227,20 @@ def as_json(args):
 
 
 def dataset_inputs(wildcards):
-    """Raw files are inputs when the dataset is a folder on disk, so an edit there reruns."""
+    """The raw files data preparation reads are its inputs, so an edit to one reruns it (a
+    folder's own time stamp does not change when a file inside it does). A dataset that does not
+    resolve yet (missing folder or files) stays a folder input: the job then fails naming what is
+    missing."""
     path = config["dataset"]["path"]
     if config["dataset"]["format"] == "demo" or not path:
         return []
-    return [path]
+    from simlm_core.data import dataset_spec, resolve_source
+    from simlm_core.io import InputError
+
+    try:
+        return [str(f) for f in resolve_source(dataset_spec(config["dataset"], ALL_SPLITS)).files]
+    except (InputError, ValueError):
+        return [path]
 
 
 def generator_value():

@@ -128,6 +128,8 @@ class SourceSpec:
     splits: dict[str, Callable[[list[str]], SplitData]]
     titles: Path | None = None
     """msmarco: a ``pid<TAB>title`` file whose titles the corpus takes (RocketQA's para.title.txt)."""
+    files: list[Path] = field(default_factory=list)
+    """Every file the preparation reads (the workflow's inputs: an edit to one reruns it)."""
 
 
 def _dpr_row(path: PathLike, lineno: int, text: str) -> list[str]:
@@ -582,7 +584,8 @@ def resolve_source(dataset: dict[str, Any]) -> SourceSpec:
                 return _beir_split(root, name, cache["q"], warnings)
             return load
 
-        return SourceSpec(fmt, corpus, {n: beir_loader(n) for n in names})
+        files = [corpus, queries_path] + [root / "qrels" / f"{n}.tsv" for n in names]
+        return SourceSpec(fmt, corpus, {n: beir_loader(n) for n in names}, files=files)
     default_corpus = MSMARCO_CORPUS if fmt == "msmarco" else NQ_CORPUS
     corpus = _must_exist(_resolve(root, dataset.get("corpus") or default_corpus), "corpus")
     if fmt == "msmarco":
@@ -590,9 +593,10 @@ def resolve_source(dataset: dict[str, Any]) -> SourceSpec:
         titles = _must_exist(_resolve(root, dataset["titles"]), "titles") if dataset.get("titles") else None
         return SourceSpec(fmt, corpus, {
             n: (lambda w, n=n, q=q, r=r: _msmarco_split(n, q, r, w)) for n, (q, r) in files.items()
-        }, titles)
+        }, titles, files=[corpus, *(p for pair in files.values() for p in pair), *([titles] if titles else [])])
     nq_files = _nq_split_files(root, splits)
-    return SourceSpec(fmt, corpus, {n: (lambda w, n=n, p=p: _nq_split(n, p, w)) for n, p in nq_files.items()})
+    return SourceSpec(fmt, corpus, {n: (lambda w, n=n, p=p: _nq_split(n, p, w)) for n, p in nq_files.items()},
+                      files=[corpus, *nq_files.values()])
 
 
 def load_dataset_splits(dataset: dict[str, Any]) -> list[str]:

@@ -256,6 +256,30 @@ def test_paper_configs_do_not_inherit_demo_schedules(name):
     assert "demo" not in cfg["dataset"]["format"]
 
 
+def test_editing_a_raw_data_file_reruns_data_preparation(tmp_path):
+    """The files a dataset resolves to are prepare_data's inputs (a folder's time stamp does not
+    change when a file inside it is edited)."""
+    src = tmp_path / "beir"
+    (src / "qrels").mkdir(parents=True)
+    (src / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "cats"}\n')
+    (src / "queries.jsonl").write_text('{"_id": "q1", "text": "what"}\n')
+    (src / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    (src / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    work = tmp_path / "work"
+    config = ["--config", f"dataset={{format: beir, path: {src}, train_split: train, eval_splits: [test]}}",
+              "run_name=t"]
+    target = "results/t/data/summary.json"
+    text = snakemake(work, "-n", "-p", target, *config).stdout
+    job = text.split("rule prepare_data:")[1].split("\n\n")[0]
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/train.tsv"):
+        assert str(src / name) in job, name
+    snakemake(work, "--cores", "1", target, *config)
+    assert planned_jobs(snakemake(work, "-n", target, *config)) == {}
+    time.sleep(0.05)
+    (src / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\n")  # an edit in place
+    assert planned_jobs(snakemake(work, "-n", target, *config)) == {"prepare_data": 1}
+
+
 def test_training_stages_ask_for_their_own_gpu_counts(tmp_path):
     """resources.stage_gpus overrides train_gpus per stage (MS MARCO: the authors' 4 GPUs for the
     retrievers, 8 for pre-training and the re-ranker), and the launcher follows the grant."""
