@@ -256,6 +256,42 @@ def test_paper_configs_do_not_inherit_demo_schedules(name):
     assert "demo" not in cfg["dataset"]["format"]
 
 
+def test_schema_train_sections_match_the_training_arguments():
+    """Every training option a stage's arguments take can be set in its config section (and the
+    schema names no option the code would reject); paths and seeds come from the workflow."""
+    import dataclasses
+
+    import yaml
+
+    from simlm_core.biencoder_training import BiencoderTrainArgs
+    from simlm_core.pretraining import GeneratorArgs, PretrainArgs
+    from simlm_core.reranker_training import RerankerTrainArgs
+    from simlm_core.training import TrainConfig
+
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+
+    def keys(node):
+        node = schema["$defs"][node["$ref"].split("/")[-1]] if "$ref" in node else node
+        return set(node["properties"])
+
+    by_workflow = {"seed", "output_dir", "work_dir", "corpus_path", "queries_path", "negatives_path",
+                   "teacher_scores_path", "model_name_or_path", "tokenizer_path", "tokenizer_name_or_path",
+                   "generator", "reference_model", "expected_world_size"}
+    props = schema["properties"]
+    retriever_level = {"pooling", "normalize", "temperature"}  # retriever section, shared by every dense stage
+    for args, node, extra in (
+        (PretrainArgs, props["pretrain"]["properties"]["train"], set()),
+        (GeneratorArgs, props["pretrain"]["properties"]["generator_train"], set()),
+        (BiencoderTrainArgs, props["retriever"]["properties"]["train"], retriever_level),
+        (RerankerTrainArgs, props["reranker"]["properties"]["train"], set()),
+    ):
+        fields = {f.name for f in dataclasses.fields(args)}
+        # the offline generator's section takes its own options, not every shared training option
+        own = fields - {f.name for f in dataclasses.fields(TrainConfig)} if args is GeneratorArgs else fields
+        assert own - by_workflow - extra - keys(node) == set(), args.__name__
+        assert keys(node) - fields == set(), args.__name__
+
+
 def test_editing_a_raw_data_file_reruns_data_preparation(tmp_path):
     """The files a dataset resolves to are prepare_data's inputs (a folder's time stamp does not
     change when a file inside it is edited)."""
