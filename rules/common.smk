@@ -201,15 +201,25 @@ def dense_system_gpus(wildcards):
     return stage_gpus(dense_system_spec(wildcards.system)[3])
 
 
+def gpu_claim(wildcards, resources):
+    """A GPU job's command prefix: claim as many free GPUs of this machine as the job was granted
+    and set CUDA_VISIBLE_DEVICES to them (simlm_core.gpu_slots), so concurrent jobs on one
+    multi-GPU machine do not all land on GPU 0; a no-op under SLURM or a preset
+    CUDA_VISIBLE_DEVICES. CPU jobs: nothing."""
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    return f"python -m simlm_core.gpu_slots --gpus {gpus} -- " if gpus > 0 else ""
+
+
 def launcher(wildcards, resources):
-    """python, or torchrun with one process per GPU the job was granted (data-parallel).
+    """python, or torchrun with one process per GPU the job was granted (data-parallel), after
+    the GPU claim.
 
     Reads the job's `gpu` resource, not the config, so `--set-resources` / `--resources` overrides
     and the scheduler's grant stay consistent with the number of processes."""
-    gpus = getattr(resources, "gpu", 0) or 0
-    if int(gpus) > 1:
-        return f"torchrun --standalone --nproc_per_node {int(gpus)}"
-    return "python"
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    if gpus > 1:
+        return f"{gpu_claim(wildcards, resources)}torchrun --standalone --nproc_per_node {gpus}"
+    return f"{gpu_claim(wildcards, resources)}python"
 
 
 def as_json(args):

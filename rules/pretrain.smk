@@ -41,6 +41,7 @@ rule train_generator:
     output:
         directory(generator_dir()),
     params:
+        gpus=gpu_claim,
         args=lambda wc: as_json(
             train_args(
                 "train_generator",
@@ -62,7 +63,7 @@ rule train_generator:
     conda:
         "../envs/cpu.yaml"
     shell:
-        "python -m simlm_core.drivers.train_generator --args-json {params.args:q} > {log} 2>&1"
+        "{params.gpus}python -m simlm_core.drivers.train_generator --args-json {params.args:q} > {log} 2>&1"
 
 
 rule pretrain:

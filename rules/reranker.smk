@@ -52,6 +52,7 @@ rule rerank:
     output:
         run=run_path("reranker", "{split}"),
     params:
+        gpus=gpu_claim,
         args=lambda wc: as_json(
             {
                 "model_dir": checkpoint_dir("reranker"),
@@ -77,7 +78,7 @@ rule rerank:
     conda:
         "../envs/cpu.yaml"
     shell:
-        "python -m simlm_core.drivers.rerank --args-json {params.args:q} > {log} 2>&1"
+        "{params.gpus}python -m simlm_core.drivers.rerank --args-json {params.args:q} > {log} 2>&1"
 
 
 rule score_teacher_shard:
@@ -91,6 +92,7 @@ rule score_teacher_shard:
     output:
         scores=teacher_shard_path("{shard}"),
     params:
+        gpus=gpu_claim,
         args=lambda wc: as_json(
             {
                 "model_dir": checkpoint_dir("reranker"),
@@ -118,7 +120,7 @@ rule score_teacher_shard:
     conda:
         "../envs/cpu.yaml"
     shell:
-        "python -m simlm_core.drivers.score_teacher --args-json {params.args:q} > {log} 2>&1"
+        "{params.gpus}python -m simlm_core.drivers.score_teacher --args-json {params.args:q} > {log} 2>&1"
 
 
 rule merge_teacher_scores:

@@ -70,6 +70,7 @@ rule encode_shard:
         embeddings=embedding_shard_path("{system}", "{shard}", ".npy"),
         ids=embedding_shard_path("{system}", "{shard}", ".ids.parquet"),
     params:
+        gpus=gpu_claim,
         args=lambda wc: as_json(
             {
                 "model_dir": checkpoint_dir(wc.system),
@@ -97,7 +98,7 @@ rule encode_shard:
     conda:
         "../envs/cpu.yaml"
     shell:
-        "python -m simlm_core.drivers.encode_corpus --args-json {params.args:q} > {log} 2>&1"
+        "{params.gpus}python -m simlm_core.drivers.encode_corpus --args-json {params.args:q} > {log} 2>&1"
 
 
 rule build_index:

@@ -331,9 +331,15 @@ def test_training_stages_ask_for_their_own_gpu_counts(tmp_path):
         granted = re.search(r"resources: .*\bgpu=(\d+)", job)
         if rule in ("pretrain", "train_dense", "train_reranker"):
             gpus[rule + (f"/{system.group(1)}" if system else "")] = int(granted.group(1))
-            assert f"torchrun --standalone --nproc_per_node {granted.group(1)} " in job, rule
+            # each job first claims its own GPUs of the machine (simlm_core.gpu_slots)
+            assert f"gpu_slots --gpus {granted.group(1)} -- torchrun --standalone --nproc_per_node " \
+                   f"{granted.group(1)} " in job, rule
+        elif rule in ("encode_shard", "rerank", "score_teacher_shard"):
+            assert "python -m simlm_core.gpu_slots --gpus 1 -- python -m simlm_core.drivers." in job, rule
     assert gpus == {"pretrain": 8, "train_reranker": 8, "train_dense/retriever1": 4,
                     "train_dense/retriever2": 4, "train_dense/retriever_distill": 4}
+    demo = snakemake(tmp_path, "-n", "-p")  # CPU jobs claim nothing
+    assert "gpu_slots" not in demo.stdout + demo.stderr
     bad = snakemake(tmp_path, "-n", "--config", "resources={stage_gpus: {retriver: 2}}", check=False)
     assert bad.returncode != 0 and "retriver" in bad.stdout + bad.stderr
 
