@@ -172,9 +172,13 @@ def work_dir(stage, args):
 
 
 
-def train_args(stage, section, **paths):
-    """The driver's arguments: a stage's config section plus artifact paths and the seed."""
+def train_args(stage, section, gpus=None, **paths):
+    """The driver's arguments: a stage's config section plus artifact paths and the seed. `gpus`:
+    the GPUs the stage asks for; the driver refuses to train under another number of processes
+    (a capped grant would silently change the global batch), and a changed count reruns it."""
     args = {"seed": SEED, **section, **paths}
+    if gpus is not None:
+        args["expected_world_size"] = max(1, int(gpus))
     args["work_dir"] = work_dir(stage, args)
     return args
 
@@ -258,7 +262,7 @@ def generator_value():
     return generator_dir() if g == "train" else g
 
 
-def biencoder_args(stage, section, init, negatives, output_dir, teacher_scores=None):
+def biencoder_args(stage, section, init, negatives, output_dir, teacher_scores=None, gpus=None):
     r = config["retriever"]
     return train_args(
         stage,
@@ -268,6 +272,7 @@ def biencoder_args(stage, section, init, negatives, output_dir, teacher_scores=N
             "temperature": r["temperature"],
             **section,
         },
+        gpus=gpus,
         model_name_or_path=init,
         corpus_path=corpus_path(),
         queries_path=queries_path(TRAIN_SPLIT),
@@ -319,6 +324,7 @@ def train_dense_args(wildcards):
             negatives,
             checkpoint_dir(wildcards.system),
             teacher,
+            gpus=stage_gpus(section),
         )
     )
 

@@ -81,6 +81,7 @@ rule pretrain:
             train_args(
                 "pretrain",
                 config["pretrain"]["train"],
+                gpus=stage_gpus("pretrain"),
                 model_name_or_path=base_encoder(),
                 generator=generator_value(),
                 corpus_path=corpus_path(),

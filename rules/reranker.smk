@@ -19,6 +19,7 @@ rule train_reranker:
             train_args(
                 "train_reranker",
                 config["reranker"]["train"],
+                gpus=stage_gpus("reranker"),
                 model_name_or_path=reranker_init(),
                 corpus_path=corpus_path(),
                 queries_path=queries_path(TRAIN_SPLIT),

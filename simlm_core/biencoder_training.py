@@ -220,7 +220,7 @@ def train_biencoder(args: BiencoderTrainArgs) -> dict[str, Any]:
                        indent=2, default=str) + "\n"
         )
 
-    metrics = train_and_save(trainer, args.train_config(), save)
+    metrics = train_and_save(trainer, args, save)
     return {
         **metrics,
         "mode": mode,

@@ -331,6 +331,8 @@ def test_training_stages_ask_for_their_own_gpu_counts(tmp_path):
         granted = re.search(r"resources: .*\bgpu=(\d+)", job)
         if rule in ("pretrain", "train_dense", "train_reranker"):
             gpus[rule + (f"/{system.group(1)}" if system else "")] = int(granted.group(1))
+            # the driver refuses another number of processes than the config asks for
+            assert f'"expected_world_size": {granted.group(1)}' in job.replace('\\"', '"'), rule
             # each job first claims its own GPUs of the machine (simlm_core.gpu_slots)
             assert f"gpu_slots --gpus {granted.group(1)} -- torchrun --standalone --nproc_per_node " \
                    f"{granted.group(1)} " in job, rule
