@@ -11,6 +11,7 @@ SEED = config["seed"]
 TRAIN_SPLIT = config["dataset"]["train_split"]
 EVAL_SPLITS = list(config["dataset"]["eval_splits"])
 ALL_SPLITS = sorted(set(EVAL_SPLITS) | {TRAIN_SPLIT})
+DATASET_FORMAT = config["dataset"]["format"]
 DENSE_SYSTEMS = ["zeroshot", "retriever1", "retriever1_nopretrain", "retriever2", "retriever_distill"]
 
 
@@ -240,21 +241,41 @@ def as_json(args):
 # Stage inputs and arguments (functions live here, rules in the stage files: snakemake --lint)
 
 
-def dataset_inputs(wildcards):
-    """The raw files data preparation reads are its inputs, so an edit to one reruns it (a
-    folder's own time stamp does not change when a file inside it does). A dataset that does not
-    resolve yet (missing folder or files) stays a folder input: the job then fails naming what is
-    missing."""
-    path = config["dataset"]["path"]
-    if config["dataset"]["format"] == "demo" or not path:
-        return []
-    from simlm_core.data import dataset_spec, resolve_source
+def corpus_source_spec():
+    """prepare_corpus's dataset: the config's, with no splits (its rerun trigger holds nothing a
+    split adds or changes)."""
+    from simlm_core.data import dataset_spec
+
+    return dataset_spec(config["dataset"], [])
+
+
+def split_source_spec(split):
+    """prepare_split's dataset: the config's, restricted to this split."""
+    from simlm_core.data import dataset_spec
+
+    return dataset_spec(config["dataset"], [split])
+
+
+def _source_files(spec, pick):
+    """Raw files as inputs, so an edit to one reruns its job (a folder's time stamp does not change
+    when a file inside it does). A dataset that does not resolve yet (missing folder or files)
+    stays a folder input: the job then fails naming what is missing."""
+    from simlm_core.data import resolve_source
     from simlm_core.io import InputError
 
     try:
-        return [str(f) for f in resolve_source(dataset_spec(config["dataset"], ALL_SPLITS)).files]
+        return [str(f) for f in pick(resolve_source(spec))]
     except (InputError, ValueError):
-        return [path]
+        return [config["dataset"]["path"]]
+
+
+def corpus_source_inputs(wildcards):
+    return _source_files(corpus_source_spec(), lambda source: source.corpus_files)
+
+
+def split_source_inputs(wildcards):
+    return _source_files(split_source_spec(wildcards.split),
+                         lambda source: source.split_files.get(wildcards.split, []))
 
 
 def generator_value():

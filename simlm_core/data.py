@@ -128,8 +128,15 @@ class SourceSpec:
     splits: dict[str, Callable[[list[str]], SplitData]]
     titles: Path | None = None
     """msmarco: a ``pid<TAB>title`` file whose titles the corpus takes (RocketQA's para.title.txt)."""
-    files: list[Path] = field(default_factory=list)
-    """Every file the preparation reads (the workflow's inputs: an edit to one reruns it)."""
+    corpus_files: list[Path] = field(default_factory=list)
+    """The files the corpus is made of (the corpus, its titles)."""
+    split_files: dict[str, list[Path]] = field(default_factory=dict)
+    """Per split, the files it is read from."""
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the preparation reads (the workflow's inputs: an edit to one reruns it)."""
+        return self.corpus_files + [f for files in self.split_files.values() for f in files]
 
 
 def _dpr_row(path: PathLike, lineno: int, text: str) -> list[str]:
@@ -541,7 +548,7 @@ def _msmarco_split_files(root: Path, splits: dict[str, Any] | None) -> dict[str,
             out[name] = (_must_exist(q, f"queries of split {name!r}"), _must_exist(r, f"qrels of split {name!r}"))
         elif q.is_file() and r.is_file():
             out[name] = (q, r)
-    if not out:
+    if not out and not explicit:  # (an explicit empty set of splits: the corpus alone)
         raise InputError(root, f"none of the default MS MARCO split files exist: {MSMARCO_SPLITS}")
     return out
 
@@ -557,7 +564,7 @@ def _nq_split_files(root: Path, splits: dict[str, Any] | None) -> dict[str, Path
             out[name] = _must_exist(p, f"split {name!r}")
         elif p.is_file():
             out[name] = p
-    if not out:
+    if not out and not explicit:  # (an explicit empty set of splits: the corpus alone)
         raise InputError(root, f"none of the default NQ split files exist: {NQ_SPLITS}")
     return out
 
@@ -584,8 +591,8 @@ def resolve_source(dataset: dict[str, Any]) -> SourceSpec:
                 return _beir_split(root, name, cache["q"], warnings)
             return load
 
-        files = [corpus, queries_path] + [root / "qrels" / f"{n}.tsv" for n in names]
-        return SourceSpec(fmt, corpus, {n: beir_loader(n) for n in names}, files=files)
+        return SourceSpec(fmt, corpus, {n: beir_loader(n) for n in names}, corpus_files=[corpus],
+                          split_files={n: [queries_path, root / "qrels" / f"{n}.tsv"] for n in names})
     default_corpus = MSMARCO_CORPUS if fmt == "msmarco" else NQ_CORPUS
     corpus = _must_exist(_resolve(root, dataset.get("corpus") or default_corpus), "corpus")
     if fmt == "msmarco":
@@ -593,10 +600,11 @@ def resolve_source(dataset: dict[str, Any]) -> SourceSpec:
         titles = _must_exist(_resolve(root, dataset["titles"]), "titles") if dataset.get("titles") else None
         return SourceSpec(fmt, corpus, {
             n: (lambda w, n=n, q=q, r=r: _msmarco_split(n, q, r, w)) for n, (q, r) in files.items()
-        }, titles, files=[corpus, *(p for pair in files.values() for p in pair), *([titles] if titles else [])])
+        }, titles, corpus_files=[corpus, *([titles] if titles else [])],
+            split_files={n: list(pair) for n, pair in files.items()})
     nq_files = _nq_split_files(root, splits)
     return SourceSpec(fmt, corpus, {n: (lambda w, n=n, p=p: _nq_split(n, p, w)) for n, p in nq_files.items()},
-                      files=[corpus, *nq_files.values()])
+                      corpus_files=[corpus], split_files={n: [p] for n, p in nq_files.items()})
 
 
 def load_dataset_splits(dataset: dict[str, Any]) -> list[str]:
@@ -900,9 +908,55 @@ def prepare_dataset(
     }
 
 
+def prepare_corpus(
+    dataset: dict[str, Any],
+    out_path: PathLike,
+    *,
+    row_group_size: int = ROW_GROUP_SIZE,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The corpus of ``dataset`` alone, into ``out_path`` (Parquet): the workflow prepares the
+    corpus and each split in jobs of their own, so that adding or editing a split does not rewrite
+    the corpus (and rerun everything trained on it). :func:`prepare_split` checks each split's
+    judged passages against this file. Give ``dataset`` with an empty ``splits`` (``dataset_spec(
+    section, [])``): the corpus job then needs no split file. Returns ``{"format", "counts", "corpus_row_groups", "warnings"}``.
+    """
+    if _check_keys(dataset) == "demo":
+        raise ValueError("the demo dataset is generated whole: use prepare_dataset")
+    spec = resolve_source(dataset)
+    warnings: list[str] = []
+    n = convert_corpus(spec.format, spec.corpus, out_path, None, row_group_size=row_group_size, progress=progress,
+                       warnings=warnings, titles=spec.titles)
+    return {"format": spec.format, "counts": {"corpus.parquet": n},
+            "corpus_row_groups": pq.ParquetFile(out_path).metadata.num_row_groups, "warnings": warnings}
+
+
+def prepare_split(dataset: dict[str, Any], name: str, corpus_path: PathLike, out_dir: PathLike) -> dict[str, Any]:
+    """Split ``name`` of ``dataset`` into ``out_dir``'s ``queries/``, ``qrels/`` and ``answers/``,
+    after checking that every passage its qrels judge is in the prepared corpus (the error names the
+    qrels file and line). Returns ``{"format", "splits", "counts", "warnings"}``."""
+    if _check_keys(dataset) == "demo":
+        raise ValueError("the demo dataset is generated whole: use prepare_dataset")
+    spec = resolve_source(dataset)
+    if name not in spec.splits:
+        raise ValueError(f"dataset has no split {name!r} (it has {sorted(spec.splits)})")
+    warnings: list[str] = []
+    split = spec.splits[name](warnings)
+    needed = dict(split.pid_origin)
+    corpus = pq.ParquetFile(corpus_path)
+    for batch in corpus.iter_batches(columns=["pid"], batch_size=ROW_GROUP_SIZE):
+        if not needed:
+            break
+        for pid in batch.column(0).to_pylist():
+            needed.pop(pid, None)
+    _check_judged_found(Path(corpus_path), _CorpusCheck(needed))
+    return {"format": spec.format, "splits": [name], "counts": _write_split(split, Path(out_dir)),
+            "warnings": warnings}
+
+
 __all__ = [
     "FORMATS", "MSMARCO_SPLITS", "NQ_SPLITS", "SPLIT_FILES", "ROW_GROUP_SIZE", "SplitData",
-    "prepare_dataset", "dataset_spec", "load_dataset_splits", "expected_artifacts", "resolve_source",
+    "prepare_dataset", "prepare_corpus", "prepare_split", "dataset_spec", "load_dataset_splits", "expected_artifacts", "resolve_source",
     "convert_corpus", "iter_passages", "iter_lines", "iter_json_array",
     "read_topics_tsv", "read_qrels", "read_dpr_qas", "read_beir_queries",
 ]

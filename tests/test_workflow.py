@@ -86,7 +86,7 @@ def rule_scripts() -> dict[str, Path]:
     """Rule name -> its ``script:`` file, read from rules/*.smk."""
     scripts = {}
     for smk in sorted((REPO / "rules").glob("*.smk")):
-        for block in re.split(r"^rule ", smk.read_text(), flags=re.M)[1:]:
+        for block in re.split(r"^\s*rule ", smk.read_text(), flags=re.M)[1:]:
             found = re.search(r"^\s+script:\s*\n\s+\"([^\"]+)\"", block, flags=re.M)
             if found:
                 scripts[block.split(":", 1)[0]] = (smk.parent / found.group(1)).resolve()
@@ -96,10 +96,18 @@ def rule_scripts() -> dict[str, Path]:
 def test_every_job_has_the_core_modules_it_runs_as_inputs(tmp_path):
     """A job's inputs hold every simlm_core file its driver (``python -m simlm_core.drivers.X``)
     or workflow script imports, directly or not, lazy imports included: editing any of them
-    reruns the stage. The demo plans every rule."""
+    reruns the stage. The demo plans every rule but a read dataset's preparation, which a BEIR
+    folder plans."""
     from simlm_core.code_deps import core_module_closure
 
     text = (lambda p: p.stdout + p.stderr)(snakemake(tmp_path, "-n", "-p"))
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"):
+        (beir / name).write_text("")
+    text += (lambda p: p.stdout + p.stderr)(snakemake(tmp_path / "w", "-n", "-p", "--configfile",
+                                                      str(REPO / "configs" / "beir.yaml"),
+                                                      "--config", f"dataset={{path: {beir}}}"))
     scripts = rule_scripts()
     checked = set()
     for job in text.split("\nrule ")[1:]:
@@ -116,8 +124,8 @@ def test_every_job_has_the_core_modules_it_runs_as_inputs(tmp_path):
         missing = sorted(str(f.relative_to(REPO)) for f in runs - inputs)
         assert not missing, f"rule {rule} runs {missing} without them as inputs"
         checked.add(rule)
-    assert {"prepare_data", "train_generator", "pretrain", "train_dense", "encode_shard", "train_reranker",
-            "merge_teacher_scores", "evaluate", "report"} <= checked, checked
+    assert {"prepare_data", "prepare_corpus", "prepare_split", "train_generator", "pretrain", "train_dense",
+            "encode_shard", "train_reranker", "merge_teacher_scores", "evaluate", "report"} <= checked, checked
 
 
 def assert_job_starts_from(proc: subprocess.CompletedProcess, rule: str, wildcards: str | None, init: str) -> None:
@@ -292,28 +300,43 @@ def test_schema_train_sections_match_the_training_arguments():
         assert keys(node) - fields == set(), args.__name__
 
 
-def test_editing_a_raw_data_file_reruns_data_preparation(tmp_path):
-    """The files a dataset resolves to are prepare_data's inputs (a folder's time stamp does not
-    change when a file inside it is edited)."""
+def test_data_preparation_reruns_only_what_a_raw_file_edit_or_a_new_split_touches(tmp_path):
+    """The corpus and each split are prepared by jobs of their own, whose inputs are the files they
+    read (a folder's time stamp does not change when a file inside it is edited): editing one
+    split's qrels, or adding an evaluation split, reruns that split only, not the corpus (and so
+    not everything trained on it)."""
     src = tmp_path / "beir"
     (src / "qrels").mkdir(parents=True)
     (src / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "cats"}\n')
     (src / "queries.jsonl").write_text('{"_id": "q1", "text": "what"}\n')
-    (src / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
-    (src / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    for split in ("train", "test", "dev"):
+        (src / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
     work = tmp_path / "work"
-    config = ["--config", f"dataset={{format: beir, path: {src}, train_split: train, eval_splits: [test]}}",
-              "run_name=t"]
-    target = "results/t/data/summary.json"
-    text = snakemake(work, "-n", "-p", target, *config).stdout
-    job = text.split("rule prepare_data:")[1].split("\n\n")[0]
-    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/train.tsv"):
-        assert str(src / name) in job, name
-    snakemake(work, "--cores", "1", target, *config)
-    assert planned_jobs(snakemake(work, "-n", target, *config)) == {}
+
+    def data_targets(*splits):
+        return ["results/t/data/corpus.parquet", *(f"results/t/data/qrels/{s}.parquet" for s in splits)]
+
+    def config(*evals):
+        return ["--config", f"dataset={{format: beir, path: {src}, train_split: train, "
+                            f"eval_splits: [{', '.join(evals)}]}}", "run_name=t"]
+
+    text = snakemake(work, "-n", *data_targets("train", "test"), *config("test")).stdout
+    corpus_job = text.split("rule prepare_corpus:")[1].split("\n\n")[0]
+    assert str(src / "corpus.jsonl") in corpus_job and "qrels" not in corpus_job.split("output:")[0]
+    test_job = next(j for j in text.split("rule prepare_split:")[1:] if "split=test" in j.split("\n\n")[0])
+    assert str(src / "qrels" / "test.tsv") in test_job and str(src / "queries.jsonl") in test_job
+    snakemake(work, "--cores", "1", *data_targets("train", "test"), *config("test"))
+    assert planned_jobs(snakemake(work, "-n", *data_targets("train", "test"), *config("test"))) == {}
     time.sleep(0.05)
     (src / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\n")  # an edit in place
-    assert planned_jobs(snakemake(work, "-n", target, *config)) == {"prepare_data": 1}
+    assert planned_jobs(snakemake(work, "-n", *data_targets("train", "test"), *config("test"))) == \
+        {"prepare_split": 1}
+    snakemake(work, "--cores", "1", *data_targets("train", "test"), *config("test"))
+    assert planned_jobs(snakemake(work, "-n", *data_targets("train", "test", "dev"), *config("test", "dev"))) == \
+        {"prepare_split": 1}  # the new split only: the corpus stays
+    (src / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": "cats purr"}\n')
+    assert planned_jobs(snakemake(work, "-n", *data_targets("train", "test"), *config("test"))) == \
+        {"prepare_corpus": 1, "prepare_split": 2}  # every split checks its judged passages against it
 
 
 def test_training_stages_ask_for_their_own_gpu_counts(tmp_path):
