@@ -8,7 +8,7 @@ rule bm25_index:
     output:
         directory(out("bm25", "index")),
     params:
-        heap=config["bm25"]["heap"],
+        heap=lambda wc, threads: config["bm25"]["heap"],  # (a function of threads: not a rerun trigger)
     threads: config["bm25"]["threads"]
     resources:
         mem_mb=bm25_mem_mb(),
@@ -35,7 +35,7 @@ rule bm25_search:
         b=config["bm25"]["b"],
         # The training split is searched only for negatives: no deeper than mining needs.
         hits=lambda wc: run_depth(wc.split, config["bm25"]["hits"], config["bm25"]["negatives"]["top_k"]),
-        heap=config["bm25"]["heap"],
+        heap=lambda wc, threads: config["bm25"]["heap"],  # (a function of threads: not a rerun trigger)
         remove_query=config["bm25"]["remove_query"],
     threads: config["bm25"]["threads"]
     resources:

@@ -173,10 +173,28 @@ def work_dir(stage, args):
 
 
 
+RUNTIME_KEYS = ("logging_steps", "save_steps", "save_total_limit", "disable_tqdm")
+"""Training options that do not change the trained model: passed apart (runtime_args)."""
+
+
+def runtime_args(section):
+    """A params function for a training section's RUNTIME_KEYS, as JSON. It takes `threads`, which
+    makes Snakemake leave it out of the rerun check (like functions of input/output/resources):
+    logging or checkpoint cadence can change without retraining, and the work-folder hash (from
+    train_args, which leaves these out) keeps a killed job resumable."""
+
+    def runtime(wildcards, threads):
+        values = section(wildcards) if callable(section) else section
+        return as_json({k: values[k] for k in RUNTIME_KEYS if k in values})
+
+    return runtime
+
+
 def train_args(stage, section, gpus=None, **paths):
-    """The driver's arguments: a stage's config section plus artifact paths and the seed. `gpus`:
-    the GPUs the stage asks for; the driver refuses to train under another number of processes
-    (a capped grant would silently change the global batch), and a changed count reruns it."""
+    """The driver's arguments: a stage's config section (less RUNTIME_KEYS) plus artifact paths and
+    the seed. `gpus`: the GPUs the stage asks for; the driver refuses to train under another number
+    of processes (a capped grant would silently change the global batch), and a changed count reruns it."""
+    section = {k: v for k, v in section.items() if k not in RUNTIME_KEYS}
     args = {"seed": SEED, **section, **paths}
     if gpus is not None:
         args["expected_world_size"] = max(1, int(gpus))
@@ -331,6 +349,11 @@ def train_dense_inputs(wildcards):
     if teacher:
         inputs["teacher"] = teacher
     return inputs
+
+
+def dense_train_section(wildcards):
+    """The config `train` section of a dense system's stage."""
+    return config[dense_system_spec(wildcards.system)[3]]["train"]
 
 
 def train_dense_args(wildcards):

@@ -41,6 +41,7 @@ rule train_generator:
     output:
         directory(generator_dir()),
     params:
+        runtime=runtime_args(config["pretrain"]["generator_train"]),
         gpus=gpu_claim,
         args=lambda wc: as_json(
             train_args(
@@ -63,7 +64,7 @@ rule train_generator:
     conda:
         "../envs/cpu.yaml"
     shell:
-        "{params.gpus}python -m simlm_core.drivers.train_generator --args-json {params.args:q} > {log} 2>&1"
+        "{params.gpus}python -m simlm_core.drivers.train_generator --args-json {params.args:q} --runtime-json {params.runtime:q} > {log} 2>&1"
 
 
 rule pretrain:
@@ -76,6 +77,7 @@ rule pretrain:
     output:
         directory(pretrain_checkpoint()),
     params:
+        runtime=runtime_args(config["pretrain"]["train"]),
         launcher=launcher,
         args=lambda wc: as_json(
             train_args(
@@ -100,4 +102,4 @@ rule pretrain:
     conda:
         "../envs/cpu.yaml"
     shell:
-        "{params.launcher} -m simlm_core.drivers.pretrain --args-json {params.args:q} > {log} 2>&1"
+        "{params.launcher} -m simlm_core.drivers.pretrain --args-json {params.args:q} --runtime-json {params.runtime:q} > {log} 2>&1"

@@ -14,6 +14,7 @@ rule train_reranker:
     output:
         directory(checkpoint_dir("reranker")),
     params:
+        runtime=runtime_args(config["reranker"]["train"]),
         launcher=launcher,
         args=lambda wc: as_json(
             train_args(
@@ -39,7 +40,7 @@ rule train_reranker:
     conda:
         "../envs/cpu.yaml"
     shell:
-        "{params.launcher} -m simlm_core.drivers.train_reranker --args-json {params.args:q} > {log} 2>&1"
+        "{params.launcher} -m simlm_core.drivers.train_reranker --args-json {params.args:q} --runtime-json {params.runtime:q} > {log} 2>&1"
 
 
 rule rerank:

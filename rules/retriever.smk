@@ -43,6 +43,7 @@ rule train_dense:
     output:
         directory(checkpoint_dir("{system}")),
     params:
+        runtime=runtime_args(dense_train_section),
         launcher=launcher,
         args=train_dense_args,
     threads: config["resources"]["cpu_threads"]
@@ -57,7 +58,7 @@ rule train_dense:
     conda:
         "../envs/cpu.yaml"
     shell:
-        "{params.launcher} -m simlm_core.drivers.train_biencoder --args-json {params.args:q} > {log} 2>&1"
+        "{params.launcher} -m simlm_core.drivers.train_biencoder --args-json {params.args:q} --runtime-json {params.runtime:q} > {log} 2>&1"
 
 
 rule encode_shard:

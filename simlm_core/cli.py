@@ -35,13 +35,20 @@ def parse_dataclass_cli(cls: type[T], argv: Sequence[str] | None = None, descrip
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--args-json", help="the arguments as one JSON object")
     group.add_argument("--args-file", help="a JSON file holding the arguments")
+    parser.add_argument("--runtime-json", default="{}",
+                        help="more arguments that do not change the result (logging, checkpoint cadence); "
+                             "the workflow keeps them apart so that changing one reruns nothing")
     ns = parser.parse_args(argv)
     if ns.args_json is not None:
         values, source = json.loads(ns.args_json), "--args-json"
     else:
         with open(ns.args_file) as f:
             values, source = json.load(f), ns.args_file
-    return dataclass_from_dict(cls, values, source)
+    runtime = json.loads(ns.runtime_json)
+    both = sorted(set(values) & set(runtime))
+    if both:
+        raise ValueError(f"key(s) {both} given both in {source} and --runtime-json")
+    return dataclass_from_dict(cls, {**values, **runtime}, f"{source} / --runtime-json" if runtime else source)
 
 
 def run_training_cli(cls: type[T], train: Callable[[T], dict], argv: Sequence[str] | None = None) -> dict:

@@ -160,6 +160,21 @@ def test_driver_rejects_unknown_keys():
         main(["--args-json", json.dumps({"bogus": 1})])
 
 
+def test_cli_merges_runtime_options_and_refuses_a_key_given_twice():
+    from simlm_core.cli import parse_dataclass_cli
+
+    base = {"output_dir": "o", "work_dir": "w", "model_name_or_path": "m", "corpus_path": "c",
+            "queries_path": "q", "negatives_path": "n"}
+    args = parse_dataclass_cli(BiencoderTrainArgs, ["--args-json", json.dumps(base),
+                                                    "--runtime-json", json.dumps({"logging_steps": 7})])
+    assert args.logging_steps == 7 and args.model_name_or_path == "m"
+    with pytest.raises(ValueError, match=r"\['logging_steps'\] given both"):
+        parse_dataclass_cli(BiencoderTrainArgs, ["--args-json", json.dumps({**base, "logging_steps": 5}),
+                                                 "--runtime-json", json.dumps({"logging_steps": 7})])
+    with pytest.raises(ValueError, match="bogus"):
+        parse_dataclass_cli(BiencoderTrainArgs, ["--args-json", json.dumps(base), "--runtime-json", '{"bogus": 1}'])
+
+
 def test_packed_training_with_fused_norm_learns_and_saves_the_same_model_format(tiny_dataset, tiny_bert_dir,
                                                                                 tmp_path, capsys):
     result = train_biencoder(BiencoderTrainArgs(**_args(tiny_dataset, tiny_bert_dir, tmp_path, packed_training=True,

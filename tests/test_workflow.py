@@ -463,6 +463,22 @@ def test_e2e_hyper_parameter_reruns_its_stage(e2e_run, e2e_workflow, override, s
 
 @pytest.mark.slow
 @pytest.mark.java
+@pytest.mark.parametrize("override", [
+    "pretrain={train: {logging_steps: 7, save_steps: 3}}",
+    "retriever={train: {logging_steps: 7, disable_tqdm: true}}",
+    "reranker={train: {save_total_limit: 1}}",
+    "bm25={heap: 2g}",
+])
+def test_e2e_settings_that_do_not_change_results_rerun_nothing(e2e_run, e2e_workflow, override):
+    """Logging and checkpoint cadence and the Java heap reach the jobs apart from the rerun-checked
+    arguments (functions of `threads`): changing them retrains nothing."""
+    proc = snakemake(e2e_run, "-n", "-p", "--configfile", str(E2E_CONFIG), "--config", override,
+                     snakefile=e2e_workflow)
+    assert planned_jobs(proc) == {}, override
+
+
+@pytest.mark.slow
+@pytest.mark.java
 def test_e2e_core_module_edit_reruns_its_stage(e2e_run, e2e_workflow):
     # Snakemake 9 reruns on a changed input's content (a bare touch is not enough).
     metrics_py = e2e_workflow.parent / "simlm_core" / "metrics.py"
