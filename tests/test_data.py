@@ -66,7 +66,7 @@ def make_nq(root: Path) -> Path:
     records = [
         {"question": "who is aaron", "answers": ["a prophet"],
          "positive_ctxs": [{"passage_id": "1", "title": "Aaron", "text": "..."},
-                           {"passage_id": "1", "title": "Aaron", "text": "..."}],
+                           {"passage_id": "1", "title": "Aaron", "text": "..."}, {"passage_id": "3"}],
          "negative_ctxs": [], "hard_negative_ctxs": [{"passage_id": "3"}]},
         {"question": "what is two", "answers": ["two"], "positive_ctxs": [{"psg_id": 2}]},
     ]
@@ -141,7 +141,8 @@ def test_nq_loader_json_and_qas(tmp_path):
     corpus = read(out, "corpus.parquet")
     assert corpus.values.tolist()[0] == ["1", "Aaron", 'Aaron is a "prophet" here']  # DPR's CSV quoting
     assert read(out, "queries/dev.parquet").values.tolist() == [["0", "who is aaron"], ["1", "what is two"]]
-    assert read(out, "qrels/dev.parquet").values.tolist() == [["0", "1", 1], ["1", "2", 1]]
+    # DPR's first positive (its gold passage) graded 2, the others 1; the repeated one dropped
+    assert read(out, "qrels/dev.parquet").values.tolist() == [["0", "1", 2], ["0", "3", 1], ["1", "2", 2]]
     assert any("1 repeated judgment" in w for w in summary["warnings"])
     assert read(out, "queries/test.parquet").qid.tolist() == ["0", "1"]  # 0-based line numbers
     assert [list(a) for a in read(out, "answers/test.parquet").answers] == [["a prophet", "Aaron's"], ["three"]]

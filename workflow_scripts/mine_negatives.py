@@ -16,5 +16,6 @@ mine_files(MineNegativesArgs(
     window_start=m.get("window_start", 0),
     window_end=m.get("window_end"),
     num_negatives=m.get("num_negatives"),
+    min_relevance=m.get("min_relevance", 1),
     seed=snakemake.params.seed,  # noqa: F821
 ))
