@@ -54,6 +54,19 @@ def test_unknown_config_key_is_a_one_line_error(tmp_path):
     assert "'bm25'" in line and "kk" in line
 
 
+@pytest.mark.parametrize("configfile, options, problem", [
+    ("msmarco", "{titels: para.title.txt}", "'titels' was unexpected"),
+    ("nq", "{titles: t.txt}", "'titles' was unexpected"),
+    (None, "{corpus: c.tsv}", "is expected to be empty"),
+])
+def test_dataset_options_are_checked_per_format(tmp_path, configfile, options, problem):
+    """A misspelt file option fails before any job (not at data preparation, or silently for the demo)."""
+    files = ["--configfile", str(REPO / "configs" / f"{configfile}.yaml")] if configfile else []
+    proc = snakemake(tmp_path, "-n", *files, "--config", f"dataset={{options: {options}}}", check=False)
+    assert proc.returncode != 0
+    assert "config key 'dataset.options'" in proc.stdout + proc.stderr and problem in proc.stdout + proc.stderr
+
+
 def test_wrong_type_names_the_key(tmp_path):
     proc = snakemake(tmp_path, "-n", "--config", "encode={shards: many}", check=False)
     assert proc.returncode != 0
