@@ -142,6 +142,31 @@ def make_tiny_dataset(root: str | os.PathLike[str], seed: int = 0) -> TinyDatase
     return TinyDataset(root=root, num_passages=len(corpus_df), num_queries=len(queries), **paths)
 
 
+def biencoder_train_values(ds: TinyDataset, bert: str | os.PathLike[str], tmp_path: Path, **over) -> dict:
+    """Retriever-training arguments for a quick run on the tiny dataset; ``over`` replaces any."""
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        work_dir=str(tmp_path / "work"),
+        model_name_or_path=str(bert),
+        corpus_path=str(ds.corpus_path),
+        queries_path=str(ds.queries_path),
+        negatives_path=str(ds.negatives_path),
+        train_group_size=4,
+        q_max_len=16,
+        p_max_len=32,
+        temperature=0.05,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        num_train_epochs=10,
+        per_device_train_batch_size=4,
+        logging_steps=5,
+        save_steps=1000,
+        disable_tqdm=True,
+    )
+    values.update(over)
+    return values
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A tiny random BERT (hidden 32, 2 layers) + tokenizer, saved with ``save_pretrained``."""

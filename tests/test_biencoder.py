@@ -116,6 +116,30 @@ def _embeddings_and_grads(loss_fn, xq, xp, enc):
     return loss.item(), [p.grad.clone() for p in enc.parameters()]
 
 
+def _rank_gradient_sum(enc, xq, xp, world, teacher=None, **kwargs):
+    """Each of ``world`` simulated DDP ranks' gradient of its :func:`biencoder_loss` (every rank's
+    embeddings all-gathered, its own with gradient), summed over the ranks: DDP averages this sum."""
+    b, g = xq.shape[0] // world, xp.shape[0] // xq.shape[0]
+
+    def encode(x):
+        return torch.nn.functional.normalize(enc(x), dim=-1)
+
+    with torch.no_grad():
+        all_q = [encode(xq[r * b : (r + 1) * b]) for r in range(world)]
+        all_p = [encode(xp[r * b * g : (r + 1) * b * g]) for r in range(world)]
+    summed = [torch.zeros_like(p) for p in enc.parameters()]
+    for r in range(world):
+        enc.zero_grad()
+        q_r, p_r = encode(xq[r * b : (r + 1) * b]), encode(xp[r * b * g : (r + 1) * b * g])
+        t_r = teacher[r * b : (r + 1) * b] if teacher is not None else None
+        out = biencoder_loss(q_r, p_r, teacher_scores=t_r, world_q=all_q, world_p=all_p, rank=r, **kwargs)
+        assert out.scores.shape == (b, world * b * g)
+        out.loss.backward()
+        for acc, p in zip(summed, enc.parameters()):
+            acc += p.grad
+    return summed
+
+
 def test_loss_scale_multiplies_only_the_contrastive_gradient():
     """The authors' ``loss_scale``: CE's gradient x scale, the KD term's as it is, the logged loss unscaled."""
     torch.manual_seed(0)
@@ -143,21 +167,8 @@ def test_simulated_ddp_loss_scale_one_averages_the_ranks():
     enc = torch.nn.Linear(d_in, d)
     xq, xp = torch.randn(world * b, d_in), torch.randn(world * b * g, d_in)
 
-    def encode(x):
-        return torch.nn.functional.normalize(enc(x), dim=-1)
-
     _, single = _embeddings_and_grads(lambda q, p: biencoder_loss(q, p, temperature=0.1).loss, xq, xp, enc)
-    with torch.no_grad():
-        all_q = [encode(xq[r * b : (r + 1) * b]) for r in range(world)]
-        all_p = [encode(xp[r * b * g : (r + 1) * b * g]) for r in range(world)]
-    summed = [torch.zeros_like(p) for p in enc.parameters()]
-    for r in range(world):
-        enc.zero_grad()
-        out = biencoder_loss(encode(xq[r * b : (r + 1) * b]), encode(xp[r * b * g : (r + 1) * b * g]), temperature=0.1,
-                             world_q=all_q, world_p=all_p, rank=r, loss_scale=1.0)
-        out.loss.backward()
-        for acc, p in zip(summed, enc.parameters()):
-            acc += p.grad
+    summed = _rank_gradient_sum(enc, xq, xp, world, None, temperature=0.1, loss_scale=1.0)
     for s, acc in zip(single, summed):
         assert torch.allclose(acc / world, s / world, atol=1e-6)  # DDP's average: a W-th of the global gradient
         assert not torch.allclose(acc / world, s, atol=1e-4)  # (the default, loss_scale W, gives s itself)
@@ -215,26 +226,9 @@ def test_simulated_ddp_gradients_equal_single_process(distill, full):
     teacher = torch.randn(world * b, g) if distill else None
     kwargs = dict(temperature=0.1, contrastive_weight=0.2, full_contrastive=full)
 
-    def encode(x):
-        return torch.nn.functional.normalize(enc(x), dim=-1)
-
-    enc.zero_grad()
-    biencoder_loss(encode(xq), encode(xp), teacher_scores=teacher, **kwargs).loss.backward()
-    single = [p.grad.clone() for p in enc.parameters()]
-
-    with torch.no_grad():
-        all_q = [encode(xq[r * b : (r + 1) * b]) for r in range(world)]
-        all_p = [encode(xp[r * b * g : (r + 1) * b * g]) for r in range(world)]
-    summed = [torch.zeros_like(p) for p in enc.parameters()]
-    for r in range(world):
-        enc.zero_grad()
-        q_r, p_r = encode(xq[r * b : (r + 1) * b]), encode(xp[r * b * g : (r + 1) * b * g])
-        t_r = teacher[r * b : (r + 1) * b] if distill else None
-        out = biencoder_loss(q_r, p_r, teacher_scores=t_r, world_q=all_q, world_p=all_p, rank=r, **kwargs)
-        assert out.scores.shape == (b, world * b * g)
-        out.loss.backward()
-        for acc, p in zip(summed, enc.parameters()):
-            acc += p.grad
+    _, single = _embeddings_and_grads(lambda q, p: biencoder_loss(q, p, teacher_scores=teacher, **kwargs).loss,
+                                      xq, xp, enc)
+    summed = _rank_gradient_sum(enc, xq, xp, world, teacher, **kwargs)
     for s, acc in zip(single, summed):
         assert torch.allclose(s, acc / world, atol=1e-6)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import biencoder_train_values
 from transformers import AutoModel
 
 from simlm_core.biencoder_training import STEP_DELAY_ENV, BiencoderTrainArgs, build_trainer, train_biencoder
@@ -18,28 +19,7 @@ from simlm_core.modeling.biencoder import BiEncoder
 from simlm_core.training import last_checkpoint
 
 
-def _args(ds, bert, tmp_path, **over) -> dict:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        work_dir=str(tmp_path / "work"),
-        model_name_or_path=str(bert),
-        corpus_path=str(ds.corpus_path),
-        queries_path=str(ds.queries_path),
-        negatives_path=str(ds.negatives_path),
-        train_group_size=4,
-        q_max_len=16,
-        p_max_len=32,
-        temperature=0.05,
-        learning_rate=1e-3,
-        warmup_steps=0,
-        num_train_epochs=10,
-        per_device_train_batch_size=4,
-        logging_steps=5,
-        save_steps=1000,
-        disable_tqdm=True,
-    )
-    values.update(over)
-    return values
+_args = biencoder_train_values
 
 
 def _losses(out_dir: Path, key: str = "loss") -> list[float]:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_bert, make_tiny_dataset
+from conftest import biencoder_train_values, make_tiny_bert, make_tiny_dataset
 from transformers import TrainerCallback
 
 import simlm_core.training as training
@@ -44,27 +44,9 @@ def data(tmp_path):
 
 
 def _values(ds, bert, tmp_path, **over) -> dict:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        work_dir=str(tmp_path / "work"),
-        model_name_or_path=str(bert),
-        corpus_path=str(ds.corpus_path),
-        queries_path=str(ds.queries_path),
-        negatives_path=str(ds.negatives_path),
-        train_group_size=4,
-        q_max_len=16,
-        p_max_len=32,
-        learning_rate=1e-3,
-        warmup_steps=0,
-        max_steps=4,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        save_steps=2,
-        save_total_limit=5,
-        disable_tqdm=True,
-    )
-    values.update(over)
-    return values
+    """Four steps, a checkpoint every two."""
+    return biencoder_train_values(ds, bert, tmp_path, **{"max_steps": 4, "logging_steps": 1, "save_steps": 2,
+                                                         "save_total_limit": 5, **over})
 
 
 def _killed_run(values: dict) -> str:
