@@ -142,7 +142,7 @@ rule dense_search:
         index=index_path("{system}", ".faiss"),
         ids=index_path("{system}", ".ids.parquet"),
         queries=queries_path("{split}"),
-        code=core("encode.py", "index.py"),  # what workflow_scripts/dense_search.py imports
+        code=core("encode.py", "index.py", "gpu_slots.py"),  # what workflow_scripts/dense_search.py imports
     output:
         run=run_path("{system}", "{split}"),
     params:

@@ -185,6 +185,30 @@ def _exec(cmd: Sequence[str], env: dict[str, str]) -> None:
         sys.exit(127 if isinstance(e, FileNotFoundError) else 126)
 
 
+_HELD: list[int] = []
+"""Lock descriptors held by this process for :func:`claim_for_this_process` (closed at exit)."""
+
+
+def claim_for_this_process(n: int, poll_s: float = 1.0) -> list[int]:
+    """:func:`main`'s claim for code that runs in this process (a Snakemake ``script:`` rule): the
+    same rules for when nothing is claimed; otherwise claims ``n`` GPUs, sets this process's
+    ``CUDA_VISIBLE_DEVICES`` (call it before anything initialises CUDA) and holds the locks until
+    the process exits. Returns the claimed indices ([] when nothing was claimed). Raises
+    ValueError when the machine has fewer GPUs than ``n`` (and at least 2)."""
+    n = int(n or 0)
+    if n == 0 or "CUDA_VISIBLE_DEVICES" in os.environ or os.environ.get("SLURM_JOB_ID"):
+        return []
+    count = detect_gpu_count()
+    if count <= 1:
+        return []
+    indices, fds = claim_gpus(n, count=count, poll_s=poll_s)
+    _HELD.extend(fds)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in indices)
+    print(f"{_PREFIX} claimed GPU(s) {os.environ['CUDA_VISIBLE_DEVICES']} (pid {os.getpid()})",
+          file=sys.stderr, flush=True)
+    return indices
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry: ``--gpus N -- <command> [args...]``; never returns (execs or exits)."""
     parser = argparse.ArgumentParser(

@@ -207,3 +207,25 @@ def test_missing_command_exits_127(tmp_path):
     )
     assert r.returncode == 127
     assert "cannot run" in r.stderr
+
+
+def test_claim_for_this_process_holds_until_exit(tmp_path):
+    """A script rule's in-process claim: CUDA_VISIBLE_DEVICES set in the process, the GPUs held
+    while it lives (a launcher meanwhile gets the others) and free once it exits."""
+    env = _env(tmp_path, count=3)
+    code = ("import os, sys, time; from simlm_core.gpu_slots import claim_for_this_process as c; "
+            "print(c(2), os.environ.get('CUDA_VISIBLE_DEVICES', '-'), flush=True); time.sleep(1.5)")
+    holder = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        first = holder.stdout.readline().split()
+        assert first[0] == "[0," and first[2] == "0,1"
+        other = _launch(1, PRINT_CVD, env)
+        assert other.stdout.strip() == "2"  # 0 and 1 are held by the script
+    finally:
+        holder.wait(timeout=30)
+    assert _launch(2, PRINT_CVD, env).stdout.strip() == "0,1"  # released with the process
+    # the same cases as the launcher claim nothing
+    for extra in ({"CUDA_VISIBLE_DEVICES": "5"}, {"SLURM_JOB_ID": "1"}, {"SIMLM_GPU_COUNT": "1"}):
+        out = subprocess.run([sys.executable, "-c", code.replace("time.sleep(1.5)", "")],
+                             env={**env, **extra}, capture_output=True, text=True, timeout=60)
+        assert out.stdout.split()[0] == "[]", (extra, out.stdout, out.stderr)

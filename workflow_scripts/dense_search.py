@@ -3,6 +3,11 @@ import sys
 
 sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
+from simlm_core.gpu_slots import claim_for_this_process  # noqa: E402
+
+# before torch and faiss see the GPUs: this job's own, on a machine shared with other GPU jobs
+claim_for_this_process(snakemake.resources.gpu)  # noqa: F821
+
 from simlm_core.encode import encode_queries  # noqa: E402
 from simlm_core.index import search  # noqa: E402
 from simlm_core.io import write_run  # noqa: E402
