@@ -351,6 +351,28 @@ def test_line_of_tabs_is_a_record_not_a_blank_line(tmp_path):
     _check(e, tmp_path / "queries.train.tsv", 2, "empty query id")
 
 
+def test_corpus_and_split_jobs_write_what_prepare_dataset_writes(tmp_path):
+    """The workflow's per-job functions give the same artifacts as the one-call preparation, and a
+    split judging a passage outside the prepared corpus fails naming its qrels line."""
+    src = make_msmarco(tmp_path / "ms")
+    section = {"format": "msmarco", "path": str(src)}
+    whole = tmp_path / "whole"
+    D.prepare_dataset(D.dataset_spec(section, ["train", "dev"]), whole, progress=False)
+    parts = tmp_path / "parts"
+    summary = D.prepare_corpus(D.dataset_spec(section, []), parts / "corpus.parquet", progress=False)
+    assert summary["counts"] == {"corpus.parquet": 10}
+    for split in ("train", "dev"):
+        out = D.prepare_split(D.dataset_spec(section, [split]), split, parts / "corpus.parquet", parts)
+        assert out["splits"] == [split]
+    for name in ("corpus.parquet", "queries/train.parquet", "qrels/train.parquet", "qrels/dev.parquet",
+                 "answers/dev.parquet"):
+        assert read(parts, name).equals(read(whole, name)), name
+    write(src / "qrels.dev.small.tsv", "200\t0\t3\t1\n200\t0\t77\t1\n")
+    with pytest.raises(InputError) as e:
+        D.prepare_split(D.dataset_spec(section, ["dev"]), "dev", parts / "corpus.parquet", tmp_path / "bad")
+    _check(e, src / "qrels.dev.small.tsv", 2, "judges passage '77', which is not in the corpus")
+
+
 def test_msmarco_titles_from_their_own_file(tmp_path):
     """RocketQA-style pid<TAB>title file, in any order: titles join the corpus; passages without a
     title and titles without a passage are counted in the warnings."""
