@@ -377,7 +377,7 @@ def test_training_stages_ask_for_their_own_gpu_counts(tmp_path):
     assert gpus == {"pretrain": 8, "train_reranker": 8, "train_dense/retriever1": 4,
                     "train_dense/retriever2": 4, "train_dense/retriever_distill": 4}
     demo = snakemake(tmp_path, "-n", "-p")  # CPU jobs claim nothing
-    assert "gpu_slots" not in demo.stdout + demo.stderr
+    assert "-m simlm_core.gpu_slots" not in demo.stdout + demo.stderr
     bad = snakemake(tmp_path, "-n", "--config", "resources={stage_gpus: {retriver: 2}}", check=False)
     assert bad.returncode != 0 and "retriver" in bad.stdout + bad.stderr
 
