@@ -61,6 +61,7 @@ from simlm_core.io import (
     PathLike,
     write_table,
 )
+from simlm_core.passage_titles import id_hashes
 from simlm_core.text_input import check_id, iter_lines, open_binary, read_qrels, tsv_fields  # noqa: F401 (API)
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,6 @@ class SourceSpec:
     """The files the corpus is made of (the corpus, its titles)."""
     split_files: dict[str, list[Path]] = field(default_factory=dict)
     """Per split, the files it is read from."""
-
-    @property
-    def files(self) -> list[Path]:
-        """Every file the preparation reads (the workflow's inputs: an edit to one reruns it)."""
-        return self.corpus_files + [f for files in self.split_files.values() for f in files]
 
 
 def _dpr_row(path: PathLike, lineno: int, text: str) -> list[str]:
@@ -305,8 +301,6 @@ def read_topics_tsv(path: PathLike) -> list[tuple[str, str, int]]:
 
 
 def _check_query(path: PathLike, lineno: int, qid: str, text: str, seen: dict[str, int]) -> None:
-    if not qid.strip():
-        raise InputError(path, "empty query id", lineno)
     check_id(path, lineno, qid, "query")
     if not text.strip():
         raise InputError(path, f"empty query text for query {qid!r}", lineno)
@@ -726,8 +720,6 @@ def iter_passages(
         next(lines, None)
     for lineno, text in lines:
         pid, title, body = parse(path, lineno, text)
-        if not pid.strip():
-            raise InputError(path, "empty passage id", lineno)
         check_id(path, lineno, pid, "passage")
         yield lineno, pid, title, body
 
@@ -743,7 +735,11 @@ class _CorpusCheck:
     """A :class:`~simlm_core.passage_titles.TitleLookup` when titles come from their own file."""
 
     def batch(self, pids: list[str]) -> None:
-        self.hashes.append(np.fromiter(map(hash, pids), dtype=np.int64, count=len(pids)))
+        self.hashes.append(id_hashes(pids))
+        self.found(pids)
+
+    def found(self, pids: list[str]) -> None:
+        """These passages are in the corpus: no longer needed."""
         if self.needed:
             for pid in pids:
                 self.needed.pop(pid, None)
@@ -932,9 +928,7 @@ def prepare_corpus(
     judged passages against this file. Give ``dataset`` with an empty ``splits`` (``dataset_spec(
     section, [])``): the corpus job then needs no split file. Returns ``{"format", "counts", "corpus_row_groups", "warnings"}``.
     """
-    if _check_keys(dataset) == "demo":
-        raise ValueError("the demo dataset is generated whole: use prepare_dataset")
-    spec = resolve_source(dataset)
+    spec = resolve_source(dataset)  # (the demo is refused there: it is generated whole)
     warnings: list[str] = []
     n = convert_corpus(spec.format, spec.corpus, out_path, None, row_group_size=row_group_size, progress=progress,
                        warnings=warnings, titles=spec.titles)
@@ -946,21 +940,17 @@ def prepare_split(dataset: dict[str, Any], name: str, corpus_path: PathLike, out
     """Split ``name`` of ``dataset`` into ``out_dir``'s ``queries/``, ``qrels/`` and ``answers/``,
     after checking that every passage its qrels judge is in the prepared corpus (the error names the
     qrels file and line). Returns ``{"format", "splits", "counts", "warnings"}``."""
-    if _check_keys(dataset) == "demo":
-        raise ValueError("the demo dataset is generated whole: use prepare_dataset")
     spec = resolve_source(dataset)
     if name not in spec.splits:
         raise ValueError(f"dataset has no split {name!r} (it has {sorted(spec.splits)})")
     warnings: list[str] = []
     split = spec.splits[name](warnings)
-    needed = dict(split.pid_origin)
-    corpus = pq.ParquetFile(corpus_path)
-    for batch in corpus.iter_batches(columns=["pid"], batch_size=ROW_GROUP_SIZE):
-        if not needed:
+    check = _CorpusCheck(dict(split.pid_origin))
+    for batch in pq.ParquetFile(corpus_path).iter_batches(columns=["pid"], batch_size=ROW_GROUP_SIZE):
+        if not check.needed:
             break
-        for pid in batch.column(0).to_pylist():
-            needed.pop(pid, None)
-    _check_judged_found(Path(corpus_path), _CorpusCheck(needed))
+        check.found(batch.column(0).to_pylist())
+    _check_judged_found(Path(corpus_path), check)
     return {"format": spec.format, "splits": [name], "counts": _write_split(split, Path(out_dir)),
             "warnings": warnings}
 

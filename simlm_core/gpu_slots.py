@@ -51,7 +51,7 @@ import stat
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 _PREFIX = "gpu_slots:"
 
@@ -185,6 +185,12 @@ def _exec(cmd: Sequence[str], env: dict[str, str]) -> None:
         sys.exit(127 if isinstance(e, FileNotFoundError) else 126)
 
 
+def someone_else_decides(n: int, env: Mapping[str, str]) -> bool:
+    """No claim to make: the job needs no GPU, or its GPUs are already chosen (a preset
+    ``CUDA_VISIBLE_DEVICES``: the user or a scheduler; ``SLURM_JOB_ID``: SLURM sets it per job)."""
+    return n == 0 or "CUDA_VISIBLE_DEVICES" in env or bool(env.get("SLURM_JOB_ID"))
+
+
 _HELD: list[int] = []
 """Lock descriptors held by this process for :func:`claim_for_this_process` (closed at exit)."""
 
@@ -196,7 +202,7 @@ def claim_for_this_process(n: int, poll_s: float = 1.0) -> list[int]:
     the process exits. Returns the claimed indices ([] when nothing was claimed). Raises
     ValueError when the machine has fewer GPUs than ``n`` (and at least 2)."""
     n = int(n or 0)
-    if n == 0 or "CUDA_VISIBLE_DEVICES" in os.environ or os.environ.get("SLURM_JOB_ID"):
+    if someone_else_decides(n, os.environ):
         return []
     count = detect_gpu_count()
     if count <= 1:
@@ -229,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     env = dict(os.environ)
     n = args.gpus
-    if n == 0 or "CUDA_VISIBLE_DEVICES" in env or env.get("SLURM_JOB_ID"):
+    if someone_else_decides(n, env):
         _exec(cmd, env)  # someone else decided (or nothing to decide)
 
     try:

@@ -32,6 +32,17 @@ def id_hashes(ids: list[str]) -> np.ndarray:
     return np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
 
 
+def _report_second_title(path: PathLike, pid: str) -> None:
+    """Raise the error for a pid listed twice, naming both lines (a second pass over the file:
+    line numbers are not kept, 8.8M of them would cost ~300 MiB for an error that rarely happens)."""
+    first = None
+    for lineno, text in iter_lines(path):
+        if text.split("\t", 1)[0] == pid:
+            if first is not None:
+                raise InputError(path, f"passage {pid!r} has a second title (first on line {first})", lineno)
+            first = lineno
+
+
 @dataclass
 class TitleLookup:
     """``pid -> title`` for a big collection, looked up a batch of pids at a time."""
@@ -53,7 +64,6 @@ class TitleLookup:
         pid_chunks: list[pa.Array] = []
         title_chunks: list[pa.Array] = []
         hash_chunks: list[np.ndarray] = []
-        lines: list[int] = []
         pids: list[str] = []
         titles: list[str] = []
 
@@ -71,7 +81,6 @@ class TitleLookup:
                 raise InputError(path, "empty passage id", lineno)
             pids.append(parts[0])
             titles.append(parts[1])
-            lines.append(lineno)
             if len(pids) >= CHUNK:
                 flush()
         flush()
@@ -82,10 +91,9 @@ class TitleLookup:
         sorted_hashes = hashes[order]
         for i in np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1]):
             # equal hashes: the same pid twice, or (improbably) two pids that collide
-            a, b = sorted(int(x) for x in order[i : i + 2])
+            a, b = (int(x) for x in order[i : i + 2])
             if all_pids[a].as_py() == all_pids[b].as_py():
-                raise InputError(path, f"passage {all_pids[a].as_py()!r} has a second title (first on line {lines[a]})",
-                                 lines[b])
+                _report_second_title(path, all_pids[a].as_py())
         return cls(str(path), all_pids, all_titles, sorted_hashes, order, _used=np.zeros(len(all_pids), dtype=bool))
 
     def __len__(self) -> int:

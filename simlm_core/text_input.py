@@ -74,8 +74,11 @@ _WHITESPACE = re.compile(r"\s")
 
 
 def check_id(path: PathLike, lineno: int, value: str, what: str) -> None:
-    """Ids travel through whitespace-separated TREC files (Anserini's runs, trec_eval's qrels):
-    one with a space, tab or newline in it could not come back the same."""
+    """An id must be non-empty and free of whitespace: ids travel through whitespace-separated TREC
+    files (Anserini's runs, trec_eval's qrels), and one with a space, tab or newline in it could not
+    come back the same."""
+    if not value.strip():
+        raise InputError(path, f"empty {what} id", lineno)
     if _WHITESPACE.search(value):
         raise InputError(path, f"{what} id {value!r} contains whitespace, which TREC run and qrels files "
                                f"cannot carry", lineno)
@@ -110,8 +113,6 @@ def read_qrels(path: PathLike) -> list[tuple[str, str, int, int]]:
             qid, _, pid, rel = parts
         else:
             qid, pid, rel = parts
-        if not qid.strip() or not pid.strip():
-            raise InputError(path, "empty query or passage id", lineno)
         check_id(path, lineno, qid, "query")
         check_id(path, lineno, pid, "passage")
         out.append((qid, pid, relevance_label(path, lineno, rel.strip()), lineno))

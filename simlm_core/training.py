@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer, TrainingArguments
 
-from simlm_core.io import atomic_dir
+from simlm_core.io import atomic_dir, write_json
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _CHECKPOINT_ANY_RE = re.compile(r"^(tmp-)?checkpoint-\d+$")  # complete or half-written by a killed job
@@ -366,11 +366,7 @@ def read_fingerprint(work_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def write_fingerprint(work_dir: str | os.PathLike[str], fingerprint: dict[str, Any]) -> None:
     """Write ``fingerprint`` to ``work_dir/inputs.json`` atomically (temporary file, then rename)."""
-    path = Path(work_dir) / FINGERPRINT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{FINGERPRINT_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(fingerprint, Path(work_dir) / FINGERPRINT_FILE)
 
 
 def discard_checkpoints(work_dir: str | os.PathLike[str]) -> int:
@@ -509,8 +505,7 @@ def train_and_save(
                 "metrics": result.metrics,
             }
             (tmp / "training_log.json").write_text(json.dumps(log, indent=2))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    _barrier()
     if trainer.is_world_process_zero():
         # The final model is safely in place: resume checkpoints are no longer needed.
         shutil.rmtree(cfg.work_dir, ignore_errors=True)
