@@ -70,6 +70,23 @@ def test_forward_contrastive_and_distill_match_losses(tiny_bert_dir):
         assert out_full.scores.shape == (2, 6)  # returned scores: query x passage part only
 
 
+@pytest.mark.parametrize("distill", [False, True])
+def test_training_forward_is_one_compiled_graph(tiny_bert_dir, distill):
+    """torch.compile sees the step's forward, loss included, as one graph: a graph break in the
+    loss (an untraceable autocast query) had split every compiled step in two on a GPU."""
+    import torch._dynamo as dynamo
+
+    model = BiEncoder.from_pretrained(tiny_bert_dir, temperature=0.1).train()
+    tok = model.tokenizer
+    query = _batch(tok, ["apple banana", "river lake"])
+    passage = _batch(tok, ["apple", "golf", "tiger", "river lake", "paris", "snow"])
+    teacher = torch.tensor([[3.0, 0.0, -1.0], [2.0, 1.0, 0.0]]) if distill else None
+    dynamo.reset()
+    explained = dynamo.explain(lambda q, p: model(query=q, passage=p, teacher_scores=teacher).loss)(query, passage)
+    dynamo.reset()
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+
+
 def test_save_load_roundtrip(tiny_bert_dir, tmp_path):
     model = BiEncoder.from_pretrained(tiny_bert_dir, pooling="mean", normalize=False, temperature=0.5).eval()
     with torch.no_grad():  # perturb so we do not just reload the original weights

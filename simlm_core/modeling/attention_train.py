@@ -192,14 +192,15 @@ def _self_check(device: torch.device) -> float:
     """Largest error of output and q/k/v gradients against per-text softmax attention in fp32 (on
     the kernel's own dropout mask), relative to their scale; without dropout and with 0.1, so
     both builds of each kernel are made and run."""
+    # Drawn on the CPU (named: a caller may have set CUDA as the default device) and then moved.
     gen = torch.Generator(device="cpu").manual_seed(0)
     lengths = [1, 19, 70, 33]
     heads, d = 2, 64
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     starts, lens = cu[:-1], cu[1:] - cu[:-1]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    qkv = torch.randn(sum(lengths), 3, heads, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-    grad = torch.randn(sum(lengths), heads, d, generator=gen).to(device=device, dtype=dtype)
+    qkv = torch.randn(sum(lengths), 3, heads, d, generator=gen, device="cpu").to(device=device, dtype=dtype).requires_grad_()
+    grad = torch.randn(sum(lengths), heads, d, generator=gen, device="cpu").to(device=device, dtype=dtype)
     seed = torch.tensor([1234], dtype=torch.int64, device=device)
     worst = 0.0
     for p in (0.0, 0.1):

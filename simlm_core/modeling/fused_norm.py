@@ -49,14 +49,15 @@ def fused_norm_verified(device: torch.device) -> bool:
 
 
 def _self_check(device: torch.device) -> float:
+    # Drawn on the CPU (named: a caller may have set CUDA as the default device) and then moved.
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows, hidden = 37, 768
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
-    x = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=half).requires_grad_()
-    r = torch.randn(rows, hidden, generator=gen).to(device).requires_grad_()
-    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device).requires_grad_()
-    b = (0.1 * torch.randn(hidden, generator=gen)).to(device).requires_grad_()
-    grad = torch.randn(rows, hidden, generator=gen).to(device)
+    x = torch.randn(rows, hidden, generator=gen, device="cpu").to(device=device, dtype=half).requires_grad_()
+    r = torch.randn(rows, hidden, generator=gen, device="cpu").to(device).requires_grad_()
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen, device="cpu")).to(device).requires_grad_()
+    b = (0.1 * torch.randn(hidden, generator=gen, device="cpu")).to(device).requires_grad_()
+    grad = torch.randn(rows, hidden, generator=gen, device="cpu").to(device)
     seed = torch.tensor([4321], dtype=torch.int64, device=device)
     worst = 0.0
     for p in (0.0, 0.1):

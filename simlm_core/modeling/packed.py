@@ -243,9 +243,10 @@ class PackedBertEncoder(nn.Module):
             out[slot] = x
             return out.view(n, max_len, *x.shape[1:]).transpose(1, 2)  # [N, heads, L, d]
 
-        key_mask = torch.zeros(n * max_len, dtype=torch.bool, device=q.device)
-        key_mask[slot] = True
-        key_mask = key_mask.view(n, 1, 1, max_len)
+        # From the lengths, not by writing True at ``slot``: a Python scalar put by index is copied
+        # from the host, a synchronising transfer on CUDA.
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        key_mask = (torch.arange(max_len, device=q.device) < lengths[:, None]).view(n, 1, 1, max_len)
         kp, vp = padded(k), padded(v)
         if queries_are_first_tokens:
             qp = q[:, :, None, :]  # [N, heads, 1, d]
