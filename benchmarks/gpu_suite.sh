@@ -20,7 +20,8 @@
 #                  MODES_encode, MODES_encode_bare, MODES_biencoder, MODES_pretrain
 #   PROFILE        N > 0: print the top N kernels of each compiled variant
 #   CAP_<part>     seconds for a part (defaults below); SKIP_PROBE, SKIP_FAISS: leave those out
-#   EXTRA_<part>   more model_throughput.py arguments for a part (e.g. EXTRA_encode_bare="--encode-passages 32768")
+#   EXTRA_<part>   more model_throughput.py arguments for a part (e.g. EXTRA_encode_bare="--encode-passages 32768");
+#                  EXTRA_attention: attention_kernels.py's (e.g. "--parts train": the training kernels only)
 # Each part's full output is kept in OUT_DIR/model_throughput-cuda-<part>.log.
 set -u
 out="${1:-benchmarks/results}"
@@ -56,7 +57,8 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
   if [ "$part" = attention ]; then  # attention kernels alone; its best Triton blocks feed the encode parts
     cap="${CAP_attention:-240}"
     echo "== attention (cap ${cap}s)"
-    timeout "$cap" python3 benchmarks/attention_kernels.py --device cuda --out "$out/attention_kernels-cuda.json" \
+    # shellcheck disable=SC2086  # EXTRA_attention is a word list (e.g. "--parts train")
+    timeout "$cap" python3 benchmarks/attention_kernels.py --device cuda ${EXTRA_attention:-} --out "$out/attention_kernels-cuda.json" \
       > "$out/attention_kernels-cuda.log" 2>&1
     echo "   exit $?"
     grep "^   \|^best" "$out/attention_kernels-cuda.log" | head -60
@@ -70,8 +72,10 @@ for part in ${PARTS:-shard encode biencoder pretrain rerank}; do
     timeout "$cap" python3 tests/triton_interpreter_checks.py --device cuda kernel encoder fused_norm attention_train \
       > "$out/kernel_checks-cuda.json" 2> "$out/kernel_checks-cuda.log"
     echo "   exit $?"
-    python3 -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1])), indent=1)[:6000])" \
+    # one JSON line per finished part, then all of them (a capped run leaves the parts it finished)
+    python3 -c "import json, sys; print(json.dumps(json.loads(open(sys.argv[1]).read().splitlines()[-1]), indent=1)[:6000])" \
       "$out/kernel_checks-cuda.json" || tail -20 "$out/kernel_checks-cuda.log"
+    grep "^\[checks\]" "$out/kernel_checks-cuda.log"
     continue
   fi
   if [ "$part" = norm ]; then

@@ -135,6 +135,13 @@ def describe_metric(name: str) -> str:
     return text
 
 
+def metric_cutoff(name: str) -> int | None:
+    """The rank cutoff k of a metric name (``RR@10``, ``R(rel=2)@1000``, ``Answer@20``), or None
+    where it has none (``AP``)."""
+    m = re.search(r"@(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
 def answer_cutoff(name: str) -> int | None:
     """k of an ``Answer@k`` name, else None."""
     m = _ANSWER_RE.match(name)
@@ -519,7 +526,9 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Every metric of one system on one split, plus query counts.
 
-    Returns ``{"metrics": {name: value}, "num_queries": {...}}``.
+    Returns ``{"metrics": {name: value}, "num_queries": {...}, "run_depth": int}``; ``run_depth``
+    is the most passages the run holds for one query (a re-ranked run: its re-ranking depth), so a
+    report can mark cutoffs deeper than the run.
 
     ``measures`` may mix ir-measures names and ``Answer@k``. When None it is
     :func:`default_measures` of ``dataset_format`` / ``split`` if a format is given (plus
@@ -561,6 +570,12 @@ def evaluate_split(
 
     run = load_run(run_path)
     run_q = set(run["qid"].astype(str))
+    # A re-ranked run holds only the re-ranked top k: a deeper cutoff counts no more than those.
+    run_depth = int(run.groupby("qid", sort=False).size().max()) if len(run) else 0
+    shallow = [m for m in measures if (k := metric_cutoff(m)) is not None and k > run_depth]
+    if shallow:
+        log.warning("%s: at most %d passages per query, fewer than the cutoff of %s", run_path, run_depth,
+                    ", ".join(shallow))
     metrics: dict[str, float] = {}
     counts: dict[str, int] = {"in_run": len(run_q)}
 
@@ -593,4 +608,4 @@ def evaluate_split(
             log.warning("%s: %d questions retrieved nothing (misses)", run_path, counts["answers_without_run"])
     # Keep the requested order (answer cutoffs added through answer_ks go last).
     order = [m for m in measures if m in metrics] + [m for m in metrics if m not in measures]
-    return {"metrics": {m: metrics[m] for m in order}, "num_queries": counts}
+    return {"metrics": {m: metrics[m] for m in order}, "num_queries": counts, "run_depth": run_depth}

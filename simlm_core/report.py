@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 #: Stage systems in pipeline order (DESIGN §3); report rows follow it.
 SYSTEM_ORDER = ("bm25", "retriever1_nopretrain", "retriever1", "retriever2", "reranker", "retriever_distill")
 REFERENCE_ROW = "paper"
+#: Marks a figure whose cutoff is deeper than the system's run (see :meth:`_Tables.shallow`).
+SHALLOW_MARK = "†"
 CSV_HEADER = ("system", "split", "metric", "value")
 
 _BENCH_NUMERIC = ("s", "max_rss", "max_vms", "max_uss", "max_pss", "io_in", "io_out", "mean_load", "cpu_time")
@@ -138,6 +140,7 @@ class _Tables:
         self.splits: list[str] = []
         self.values: dict[str, dict[str, dict[str, float]]] = {}
         self.columns: dict[str, list[str]] = {}
+        self.depths: dict[str, dict[str, int]] = {}  # split -> system -> run depth, where given
         for i, entry in enumerate(entries):
             try:
                 system, split, mets = str(entry["system"]), str(entry["split"]), entry["metrics"]
@@ -154,6 +157,8 @@ class _Tables:
             # Non-numeric values (e.g. evaluate_split's num_queries dict) are not metrics.
             row = {str(k): float(v) for k, v in mets.items() if _is_number(v)}
             self.values[split][system] = row
+            if _is_number(entry.get("run_depth")):
+                self.depths.setdefault(split, {})[system] = int(entry["run_depth"])
             for k in row:
                 if k not in self.columns[split]:
                     self.columns[split].append(k)
@@ -178,6 +183,28 @@ class _Tables:
         if split in self.reference:
             out.append((REFERENCE_ROW, [self.reference[split].get(c) for c in cols]))
         return out
+
+    def shallow(self, split: str, system: str, metric: str) -> bool:
+        """Whether ``metric``'s cutoff is deeper than ``system``'s run on ``split`` (e.g. R@1000 of a
+        re-ranker that re-ranked the top 200): the figure then counts only the run's passages."""
+        depth, k = self.depths.get(split, {}).get(system), M.metric_cutoff(metric)
+        return depth is not None and k is not None and k > depth
+
+    def formatted_rows(self, split: str) -> list[list[str]]:
+        """:meth:`rows` as table cells, ``SHALLOW_MARK`` after each figure :meth:`shallow` flags."""
+        return [[system] + [_fmt(v) + (SHALLOW_MARK if v is not None and self.shallow(split, system, c) else "")
+                            for c, v in zip(self.columns[split], vals)]
+                for system, vals in self.rows(split)]
+
+    def shallow_note(self, split: str) -> str | None:
+        """The footnote for :meth:`formatted_rows`' marks on ``split`` (None where there are none)."""
+        flagged = {s: self.depths[split][s] for s in self.systems(split)
+                   if any(self.shallow(split, s, c) for c in self.values[split][s])}
+        if not flagged:
+            return None
+        runs = ", ".join(f"{s} holds at most {d} passages per query" for s, d in flagged.items())
+        return (f"{SHALLOW_MARK} cutoff deeper than the system's run ({runs}): the figure counts only "
+                "those passages (for a re-ranker, its first stage's recall at the re-ranking depth).")
 
     def long_rows(self) -> list[tuple[str, str, str, float]]:
         out = []
@@ -301,8 +328,8 @@ def build_report(
 ) -> dict[str, Path | list[Path]]:
     """Write ``metrics.csv``, ``report.md``, ``report.html`` and ``recall_{split}.png`` to ``out_dir``.
 
-    ``entries``: ``{system, split, metrics}`` (non-numeric metric values such as
-    ``num_queries`` are skipped). ``reference``: ``{split: {metric: value}}`` shown as a
+    ``entries``: ``{system, split, metrics[, run_depth]}`` (non-numeric metric values such as
+    ``num_queries`` are skipped; a figure whose cutoff exceeds ``run_depth`` is marked ``†``). ``reference``: ``{split: {metric: value}}`` shown as a
     ``paper`` row (values above 1 are read as percentages and divided by 100).
     ``recall_curves``: ``{system, split, run_path, qrels_path[, rel]}``. ``costs``:
     ``{rule, wall_s, cpu_s, max_rss_mb}`` (see :func:`read_snakemake_benchmark`), in the
@@ -343,8 +370,9 @@ def build_report(
         md += ["No evaluated systems.", ""]
     for split in tables.splits:
         header = ["system"] + tables.columns[split]
-        rows = [[s] + [_fmt(v) for v in vals] for s, vals in tables.rows(split)]
-        md += [f"## Split `{split}`", "", _md_table(header, rows), ""]
+        md += [f"## Split `{split}`", "", _md_table(header, tables.formatted_rows(split)), ""]
+        if note := tables.shallow_note(split):
+            md += [note, ""]
         if split in pngs:
             md += [f"![Recall@k on {split}]({pngs[split][0]})", ""]
     extra_plots = [s for s in pngs if s not in tables.values]
@@ -379,8 +407,10 @@ def build_report(
 
     for split in tables.splits:
         header = ["system"] + tables.columns[split]
-        rows = [[s] + [_fmt(v) for v in vals] for s, vals in tables.rows(split)]
-        h += [f"<h2>Split <code>{html.escape(split)}</code></h2>", _html_table(header, rows, ref_last=split in tables.reference)]
+        h += [f"<h2>Split <code>{html.escape(split)}</code></h2>",
+              _html_table(header, tables.formatted_rows(split), ref_last=split in tables.reference)]
+        if note := tables.shallow_note(split):
+            h.append(f'<p class="note">{html.escape(note)}</p>')
         if split in pngs:
             h.append(img(split))
     for split in extra_plots:

@@ -175,10 +175,13 @@ def test_evaluate_split_counts_queries(tmp_path):
     write_table(qrels, tmp_path / "qrels.parquet", QRELS_SCHEMA)
     write_table(run, tmp_path / "run.parquet", RUN_SCHEMA)
     out = M.evaluate_split(tmp_path / "run.parquet", tmp_path / "qrels.parquet", measures=["RR@10", "R@50"])
-    assert list(out) == ["metrics", "num_queries"]
+    assert list(out) == ["metrics", "num_queries", "run_depth"]
+    assert out["run_depth"] == 2  # q2's two passages: R@50 here is recall within those
     assert list(out["metrics"]) == ["RR@10", "R@50"]
     assert out["metrics"]["RR@10"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert out["metrics"]["R@50"] == pytest.approx(2 / 3)
+    assert M.metric_cutoff("R(rel=2)@1000") == 1000 and M.metric_cutoff("Answer@20") == 20
+    assert M.metric_cutoff("AP") is None and M.metric_cutoff("nDCG@10") == 10
     assert out["num_queries"] == {
         "in_run": 3, "in_qrels": 3, "evaluated": 3, "run_without_qrels": 1, "qrels_without_run": 1,
     }

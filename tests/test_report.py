@@ -122,6 +122,28 @@ def test_reference_must_be_numbers_and_unmeasured_totals_show_a_dash(tmp_path):
     assert "| total | – | – | – |" in md  # nothing measured is not 0 s
 
 
+def test_cutoffs_deeper_than_a_run_are_marked(tmp_path):
+    """A re-ranker's run holds its re-ranking depth: its R@1000 is recall within those, and the
+    report says so (mark + footnote, markdown and HTML); shallower cutoffs and other systems are
+    not marked, and the CSV keeps plain numbers."""
+    entries = [
+        {"system": "retriever1", "split": "dev", "metrics": {"RR@10": 0.38, "R@1000": 0.98}, "run_depth": 1000},
+        {"system": "reranker", "split": "dev", "metrics": {"RR@10": 0.43, "R@1000": 0.93}, "run_depth": 200},
+        {"system": "bm25", "split": "dev", "metrics": {"RR@10": 0.18, "R@1000": 0.85}},  # depth unknown
+    ]
+    R.build_report(entries, tmp_path, "t", reference={"dev": {"R@1000": 98.7}})
+    md = (tmp_path / "report.md").read_text()
+    assert "| reranker | 0.4300 | 0.9300† |" in md
+    assert "| retriever1 | 0.3800 | 0.9800 |" in md and "| bm25 | 0.1800 | 0.8500 |" in md
+    assert "| paper | – | 0.9870 |" in md
+    assert "† cutoff deeper than the system's run (reranker holds at most 200 passages per query)" in md
+    page = (tmp_path / "report.html").read_text()
+    assert "<td>0.9300†</td>" in page and "reranker holds at most 200 passages per query" in page
+    assert "reranker,dev,R@1000,0.93\n" in (tmp_path / "metrics.csv").read_text()
+    R.build_report(entries[:1], tmp_path / "plain", "t")
+    assert "†" not in (tmp_path / "plain" / "report.md").read_text()
+
+
 def test_read_snakemake_benchmark(tmp_path):
     p = tmp_path / "b.tsv"
     p.write_text(BENCH_HEADER + "10.0\t0:00:10\t100.5\t200\t90\t95\t0.5\t1.5\t50.0\t8.0\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 ON_GPU = "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cuda"
 assert ON_GPU or os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (or --device cuda)"
@@ -374,13 +375,14 @@ if __name__ == "__main__":
     parts = [a for a in sys.argv[1:] if a not in ("--device", "cuda", "cpu")] or ["kernel", "encoder"]
     if ON_GPU:
         torch.set_default_device("cuda")
+    # Each part's figures are printed (one JSON line, flushed) as it finishes, so that a run cut
+    # short by a time cap still shows the parts done; the last line holds them all.
+    checks = {"kernel": kernel_errors, "encoder": encoder_errors, "fused_norm": fused_norm_checks,
+              "attention_train": attention_train_checks}
     result = {}
-    if "kernel" in parts:
-        result["kernel"] = kernel_errors()
-    if "encoder" in parts:
-        result["encoder"] = encoder_errors()
-    if "fused_norm" in parts:
-        result["fused_norm"] = fused_norm_checks()
-    if "attention_train" in parts:
-        result["attention_train"] = attention_train_checks()
+    for part in [p for p in checks if p in parts]:
+        started = time.perf_counter()
+        result[part] = checks[part]()
+        print(json.dumps({part: result[part]}), flush=True)
+        print(f"[checks] {part}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     print(json.dumps(result))

@@ -11,7 +11,7 @@ inp, p = snakemake.input, snakemake.params  # noqa: F821
 entries = []
 for path in inp.metrics:
     m = json.loads(Path(path).read_text())
-    entries.append({"system": m["system"], "split": m["split"], "metrics": m["metrics"]})
+    entries.append({"system": m["system"], "split": m["split"], "metrics": m["metrics"], "run_depth": m.get("run_depth")})
 curves = [
     {"system": s, "split": sp, "run_path": str(Path(p.benchmarks_dir).parent / s / "runs" / f"{sp}.parquet"),
      "qrels_path": str(Path(p.benchmarks_dir).parent / "data" / "qrels" / f"{sp}.parquet")}
