@@ -56,6 +56,7 @@ def test_kernel_drops_at_the_requested_rate_with_fresh_bits_per_seed(interpreted
     assert abs(interpreted["other_seed_overlap"] - 0.82) < 0.005  # independent masks: 0.9^2 + 0.1^2
     assert interpreted["eval_error"] < 1e-6  # not training: no dropout
     assert interpreted["verified"]  # its self-check passes where it is right
+    assert interpreted["self_check_other_default"] < 0.05  # whatever default device a caller set
 
 
 def test_bert_switched_to_the_kernel_trains_like_transformers(interpreted):

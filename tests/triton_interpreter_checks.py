@@ -177,8 +177,20 @@ def fused_norm_checks() -> dict:
     out["bert"] = _fused_bert_errors(fuse_dropout_add_layer_norm)
     from simlm_core.modeling.fused_norm import fused_norm_verified
 
+    from simlm_core.modeling.fused_norm import _self_check
+
     out["verified"] = fused_norm_verified(torch.empty(0).device)
+    out["self_check_other_default"] = _under_other_default_device(_self_check)
     return out
+
+
+def _under_other_default_device(check) -> float:
+    """A kernel self-check's error while a caller has set another default device (``meta``): the
+    check must name the devices of everything it makes (it failed on CUDA once, under
+    ``set_default_device("cuda")``, and the kernels were then never used)."""
+    device = torch.empty(0).device
+    with torch.device("meta"):
+        return float(check(device))
 
 
 def _fused_bert_errors(fuse) -> dict:
@@ -220,6 +232,7 @@ def attention_train_checks() -> dict:
     it against the same encoder on SDPA."""
     from simlm_core.modeling.attention_train import (_attention_fwd, attention_keep_mask,
                                                      training_kernel_verified)
+    from simlm_core.modeling.attention_train import _self_check as attention_train_self_check
     from simlm_core.modeling.fused_norm import dropout_threshold
 
     torch.manual_seed(0)
@@ -268,6 +281,7 @@ def attention_train_checks() -> dict:
         "heads_differ": not torch.equal(masks[0], masks[1]),
         "texts_differ": not torch.equal(masks[0], masks[4]),
         "verified": training_kernel_verified(torch.empty(0).device),
+        "self_check_other_default": _under_other_default_device(attention_train_self_check),
         "encoder": _train_attention_encoder_errors(),
         "transformers": _hf_attention_errors(),
         "checkpointing": _recomputed_dropout_error(),

@@ -25,6 +25,7 @@ softmax normaliser counts every score (dropout applies after the softmax, as in 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -196,7 +197,7 @@ def _self_check(device: torch.device) -> float:
     gen = torch.Generator(device="cpu").manual_seed(0)
     lengths = [1, 19, 70, 33]
     heads, d = 2, 64
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     starts, lens = cu[:-1], cu[1:] - cu[:-1]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     qkv = torch.randn(sum(lengths), 3, heads, d, generator=gen, device="cpu").to(device=device, dtype=dtype).requires_grad_()
