@@ -311,11 +311,15 @@ def recall_measure(k: int, rel: int = 1) -> str:
     return f"R@{k}" if rel == 1 else f"R(rel={rel})@{k}"
 
 
+def run_depth(run: pd.DataFrame) -> int:
+    """The most passages the run holds for one query (0 for an empty run)."""
+    return int(run.groupby("qid", sort=False).size().max()) if len(run) else 0
+
+
 def recall_curve(run: pd.DataFrame, qrels: pd.DataFrame, ks: Sequence[int] | None = None, rel: int = 1) -> dict[int, float]:
     """TREC recall R@k for each k (default: :func:`recall_grid` up to the run's depth), via ir-measures."""
     if ks is None:
-        depth = int(run.groupby("qid").size().max()) if len(run) else 0
-        ks = recall_grid(depth)
+        ks = recall_grid(run_depth(run))
     if not ks:
         return {}
     names = [recall_measure(k, rel) for k in ks]
@@ -571,10 +575,10 @@ def evaluate_split(
     run = load_run(run_path)
     run_q = set(run["qid"].astype(str))
     # A re-ranked run holds only the re-ranked top k: a deeper cutoff counts no more than those.
-    run_depth = int(run.groupby("qid", sort=False).size().max()) if len(run) else 0
-    shallow = [m for m in measures if (k := metric_cutoff(m)) is not None and k > run_depth]
+    depth = run_depth(run)
+    shallow = [m for m in measures if (k := metric_cutoff(m)) is not None and k > depth]
     if shallow:
-        log.warning("%s: at most %d passages per query, fewer than the cutoff of %s", run_path, run_depth,
+        log.warning("%s: at most %d passages per query, fewer than the cutoff of %s", run_path, depth,
                     ", ".join(shallow))
     metrics: dict[str, float] = {}
     counts: dict[str, int] = {"in_run": len(run_q)}
@@ -608,4 +612,4 @@ def evaluate_split(
             log.warning("%s: %d questions retrieved nothing (misses)", run_path, counts["answers_without_run"])
     # Keep the requested order (answer cutoffs added through answer_ks go last).
     order = [m for m in measures if m in metrics] + [m for m in metrics if m not in measures]
-    return {"metrics": {m: metrics[m] for m in order}, "num_queries": counts, "run_depth": run_depth}
+    return {"metrics": {m: metrics[m] for m in order}, "num_queries": counts, "run_depth": depth}

@@ -175,9 +175,7 @@ def fused_norm_checks() -> dict:
     out["eval_error"] = float((dropout_add_layer_norm(x, r, w, b, 1e-5, 0.1, training=False)
                                - F.layer_norm(x + r, (32,), w, b, 1e-5)).abs().max())
     out["bert"] = _fused_bert_errors(fuse_dropout_add_layer_norm)
-    from simlm_core.modeling.fused_norm import fused_norm_verified
-
-    from simlm_core.modeling.fused_norm import _self_check
+    from simlm_core.modeling.fused_norm import _self_check, fused_norm_verified
 
     out["verified"] = fused_norm_verified(torch.empty(0).device)
     out["self_check_other_default"] = _under_other_default_device(_self_check)
